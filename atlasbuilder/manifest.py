@@ -27,6 +27,7 @@ Example
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import glob
 import os
@@ -62,11 +63,11 @@ from .errors import (
 )
 
 __all__ = [
+    "BUILTIN_MANIFESTS",
     "FORMAT_VERSION",
     "QUICK_EPOCHS",
     "QUICK_VOXEL_SIZE_MM",
     "AnnotationSet",
-    "BUILTIN_MANIFESTS",
     "AtlasInfo",
     "Manifest",
     "Outputs",
@@ -190,7 +191,7 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 
 class _Model(BaseModel):
     # strict: YAML already gives typed values, so "20" for a number is a mistake worth reporting
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 # -- schema --------------------------------------------------------------------------------------
@@ -772,6 +773,8 @@ class _Document:
                 node = None
             if node is not None:
                 mark, key_mark = node.start_mark, step_key
+            else:
+                key_mark = None  # not in the file: point at the deepest part that is
         if at_key and key_mark is not None:
             mark = key_mark
         return "".join(parts).lstrip("."), mark
@@ -831,8 +834,10 @@ def _schema_problem(err: Any) -> _Problem:
         msg = "expected a mapping (key: value lines)"
     elif kind == "list_type":
         msg = "expected a list"
-    elif kind == "string_type" and isinstance(value, int | float) and not isinstance(value, bool):
-        return _Problem(loc, f"expected text, got the number {value!r} (put it in quotes)")
+    elif kind == "string_type" and isinstance(value, int | float | datetime.date):
+        what = "true/false" if isinstance(value, bool) else (
+            "a date" if isinstance(value, datetime.date) else f"the number {value!r}")
+        return _Problem(loc, f"expected text, got {what} (put it in quotes)")
     return _Problem(loc, f"{msg}, got {_describe(value)}")
 
 
@@ -902,7 +907,7 @@ def _adapter(model: type[BaseModel], name: str) -> TypeAdapter[Any]:
     tp: Any = info.annotation
     if info.metadata:
         tp = Annotated[(tp, *info.metadata)]
-    return TypeAdapter(tp, config=ConfigDict(strict=True))
+    return TypeAdapter(tp, config=ConfigDict(strict=True, allow_inf_nan=False))
 
 
 def _field(model: type[BaseModel], raw: object, name: str) -> Any:

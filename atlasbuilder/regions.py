@@ -29,8 +29,8 @@ from .errors import InputError, MissingFileError, UnknownRegionError
 
 __all__ = ["Region", "RegionTree", "builtin_hierarchy_path", "flat_hierarchy", "load_hierarchy"]
 
-_KEY_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
-_COLOUR_RE = re.compile(r"^#[0-9a-fA-F]{6}$")
+_KEY_RE = re.compile(r"[A-Za-z0-9_.\-]+")
+_COLOUR_RE = re.compile(r"#[0-9a-fA-F]{6}")
 _HEMISPHERES = {"left", "right"}
 BUILTIN_HIERARCHIES = {"juelich": "juelich_hierarchy.yaml"}
 
@@ -108,7 +108,7 @@ class RegionTree:
         lower_keys: dict[str, str] = {}
         names: dict[str, str] = {}
         for r in regs:
-            if not _KEY_RE.match(r.key):
+            if not _KEY_RE.fullmatch(r.key) or set(r.key) <= {"."}:
                 raise InputError(f"{where}region key {r.key!r} may hold only letters, digits, _ . -")
             if r.key.lower() in lower_keys:
                 raise InputError(f"{where}duplicate region key {r.key!r}")
@@ -120,7 +120,7 @@ class RegionTree:
                 )
             if r.name.lower() in names:
                 raise InputError(f"{where}duplicate region name {r.name!r}")
-            if not _COLOUR_RE.match(r.colour):
+            if not _COLOUR_RE.fullmatch(r.colour):
                 raise InputError(f"{where}region {r.key!r}: colour must be #rrggbb, got {r.colour!r}")
             if r.hemisphere is not None and r.hemisphere not in _HEMISPHERES:
                 raise InputError(
@@ -199,7 +199,9 @@ class RegionTree:
             Nothing matched (with ranked suggestions) or several regions matched.
         """
         if isinstance(query, Region):
-            return self._regions[query.key]
+            if query.key in self._regions and self._regions[query.key].id == query.id:
+                return self._regions[query.key]
+            raise UnknownRegionError(f"region {query.key!r} (id {query.id}) is not in this hierarchy")
         if isinstance(query, bool):
             raise UnknownRegionError(f"not a region: {query!r}")
         if isinstance(query, int):
@@ -209,7 +211,7 @@ class RegionTree:
         if not isinstance(query, str):
             raise TypeError(f"region query must be int or str, got {type(query).__name__}")
         q = query.strip()
-        if q.isdigit() and int(q) in self._by_id:
+        if q.isascii() and q.isdecimal() and int(q) in self._by_id:
             return self._regions[self._by_id[int(q)]]
         low = q.lower()
         if low in self._lower_keys:
@@ -474,17 +476,23 @@ def flat_hierarchy(names: Iterable[str], *, ids: Iterable[int] | None = None,
     """
     names = list(names)
     ids_l = list(ids) if ids is not None else list(range(1, len(names) + 1))
-    regions = [Region(id=max(ids_l, default=0) + 1, key="root", name=root_name,
+    lower_names = [nm.lower() for nm in names]
+    root_key, n = "root", 2
+    while root_key in lower_names or root_key in [re.sub(r"\W+", "_", x) for x in lower_names]:
+        root_key, n = f"root_{n}", n + 1
+    regions = [Region(id=max(ids_l, default=0) + 1, key=root_key, name=root_name,
                       level="root", colour="#ffffff")]
-    used: set[str] = {"root"}
+    used: set[str] = {root_key}
     palette = _palette(len(names))
     for i, (nm, rid) in enumerate(zip(names, ids_l, strict=True)):
-        base = re.sub(r"[^A-Za-z0-9_.\-]+", "_", nm.replace("'", "")).strip("_") or f"region{rid}"
+        base = re.sub(r"[^A-Za-z0-9_.\-]+", "_", nm.replace("'", "")).strip("_.")
+        base = base or f"region{rid}"
         key, n = base, 2
-        while key.lower() in used:
+        # a key may not repeat another key, nor equal another region's name (keys win lookups)
+        while key.lower() in used or (key.lower() in lower_names and key.lower() != nm.lower()):
             key, n = f"{base}_{n}", n + 1
         used.add(key.lower())
-        regions.append(Region(id=rid, key=key, name=nm, level="region", parent="root",
+        regions.append(Region(id=rid, key=key, name=nm, level="region", parent=root_key,
                               aliases=(nm,) if nm != key else (), colour=palette[i]))
     return RegionTree(regions, levels=("root", "region"), name="flat")
 

@@ -117,7 +117,7 @@ _BUILTIN: tuple[Space, ...] = (
     ),
 )
 REFERENCE_SPACES: tuple[str, ...] = tuple(s.name for s in _BUILTIN)
-_SUBJECT_RE = re.compile(r"^subject:([A-Za-z0-9][A-Za-z0-9_.\-]*)$", re.IGNORECASE)
+_SUBJECT_RE = re.compile(r"subject:([A-Za-z0-9][A-Za-z0-9_.\-]*)", re.IGNORECASE)
 
 
 def _norm(name: str) -> str:
@@ -147,7 +147,7 @@ def package_data_path(package: str, relpath: str) -> Path:
 
 def subject_space(subject_id: str) -> Space:
     """The native space of one brain (its reconstruction), named ``subject:<id>``."""
-    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", subject_id):
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", subject_id):
         raise InputError(f"invalid subject id {subject_id!r}")
     return Space(f"subject:{subject_id}", f"native space of brain {subject_id}", kind="subject")
 
@@ -173,10 +173,8 @@ def get_space(name: str | Space, *, templates: Mapping[str, str | Path] | None =
     else:
         if not isinstance(name, str) or not name.strip():
             raise UnknownSpaceError(f"space name must be a non-empty string, got {name!r}")
-        m = _SUBJECT_RE.match(name.strip())
-        if m:
-            return subject_space(m.group(1))
-        found = _LOOKUP.get(_norm(name))
+        m = _SUBJECT_RE.fullmatch(name.strip())
+        found = subject_space(m.group(1)) if m else _LOOKUP.get(_norm(name))
         if found is None:
             close = difflib.get_close_matches(_norm(name), list(_LOOKUP), n=3, cutoff=0.5)
             names = list(dict.fromkeys(_LOOKUP[c].name for c in close)) or list(REFERENCE_SPACES)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import GridMismatchError, InvalidImageError, MissingFileError
+from .errors import GridMismatchError, InputError, InvalidImageError, MissingFileError
 
 if TYPE_CHECKING:
     import nibabel as nib
@@ -62,10 +62,19 @@ class Grid:
         return a
 
     def coords(self) -> dict[str, np.ndarray]:
+        """Voxel-centre coordinates (mm) along x, y and z."""
         return {
             ax: o + s * np.arange(n)
             for ax, o, s, n in zip("xyz", self.origin, self.spacing, self.shape, strict=True)
         }
+
+    def xarray_coords(self) -> dict[str, Any]:
+        """:meth:`coords` as xarray variables that keep the spacing as an attribute, so an axis
+        of a single voxel (one section, say) still knows its thickness."""
+        import xarray as xr
+
+        return {ax: xr.Variable((ax,), c, attrs={"units": "mm", "spacing": s})
+                for (ax, c), s in zip(self.coords().items(), self.spacing, strict=True)}
 
     def nearest_voxel(self, points_mm: Any) -> tuple[np.ndarray, np.ndarray]:
         """Nearest voxel of each point and whether it lies in the volume.
@@ -83,7 +92,11 @@ class Grid:
             True where the nearest voxel centre is within the volume. A point exactly half-way
             between two voxel centres goes to the higher index. NaN coordinates are outside.
         """
-        pts = np.asarray(points_mm, dtype=np.float64).reshape(-1, 3)
+        pts = np.asarray(points_mm, dtype=np.float64)
+        if pts.ndim == 1 and pts.shape == (3,):
+            pts = pts[None]
+        if pts.ndim != 2 or pts.shape[1] != 3:
+            raise InputError(f"points must have shape (n, 3) or (3,); got {pts.shape}")
         f = (pts - np.asarray(self.origin)) / np.asarray(self.spacing)
         # floor(f + 0.5): half-way rounds up, consistently (np.round would round half to even)
         with np.errstate(invalid="ignore"):
@@ -103,7 +116,7 @@ def grid_of(obj: xr.Dataset | xr.DataArray) -> Grid:
         c = np.asarray(obj.coords[ax].values, dtype=np.float64)
         if c.ndim != 1 or c.size == 0:
             raise GridMismatchError(f"coordinate {ax!r} must be 1-D and non-empty")
-        step = float(c[1] - c[0]) if c.size > 1 else 1.0
+        step = float(c[1] - c[0]) if c.size > 1 else float(obj.coords[ax].attrs.get("spacing", 1.0))
         if c.size > 1 and (step <= 0 or not np.allclose(np.diff(c), step, atol=1e-5 * abs(step))):
             raise GridMismatchError(f"coordinate {ax!r} is not uniformly increasing (RAS+)")
         shape.append(int(c.size))
@@ -220,11 +233,12 @@ def read_nifti(
         grid = Grid(tuple(int(n) for n in data.shape[:3]),  # type: ignore[arg-type]
                     tuple(float(v) for v in aff[:3, 3]),  # type: ignore[arg-type]
                     tuple(float(v) for v in np.diag(aff[:3, :3])))  # type: ignore[arg-type]
-    if dtype is not None:
-        data = data.astype(dtype, copy=False)
+    # check before any cast: NaN cast to an integer type becomes an arbitrary number
     if np.issubdtype(data.dtype, np.floating) and not allow_nan and not np.isfinite(data).all():
         n_bad = int((~np.isfinite(data)).sum())
         raise InvalidImageError(f"{label}: {n_bad} voxels are NaN or infinite")
+    if dtype is not None:
+        data = data.astype(dtype, copy=False)
     return from_array(data, grid, space, name=name, source=label, source_affine=source_affine)
 
 
@@ -281,7 +295,7 @@ def from_array(
     attrs = {"space": str(space), "source": source,
              "source_affine": (grid.affine if source_affine is None else source_affine).tolist()}
     # attrs on the variable too, so a DataArray taken out of the Dataset keeps its space
-    return xr.Dataset({name: (dims, arr, dict(attrs))}, coords=grid.coords(), attrs=attrs)
+    return xr.Dataset({name: (dims, arr, dict(attrs))}, coords=grid.xarray_coords(), attrs=attrs)
 
 
 def to_nifti(volume: xr.Dataset | xr.DataArray, name: str | None = None) -> nib.Nifti1Image:
@@ -304,6 +318,13 @@ def to_nifti(volume: xr.Dataset | xr.DataArray, name: str | None = None) -> nib.
     if set(order) != set(da.dims):
         raise InvalidImageError(f"unexpected dims {tuple(da.dims)}; expected x, y, z[, region]")
     arr = np.asarray(da.transpose(*order).values)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    elif arr.dtype in (np.int64, np.uint64):  # NIfTI-1 readers rarely take 64-bit integers
+        info = np.iinfo(np.int32)
+        if arr.size and (arr.min() < info.min or arr.max() > info.max):
+            raise InvalidImageError(f"integer values beyond int32 cannot be written to NIfTI ({name})")
+        arr = arr.astype(np.int32)
     img = nib.Nifti1Image(arr, grid.affine)
     img.header.set_xyzt_units("mm")
     img.header.set_qform(grid.affine, code=1)

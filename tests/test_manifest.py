@@ -249,13 +249,15 @@ def test_type_errors_are_explained(tmp_path: Path) -> None:
             .replace("id: B01", "id: 01")
             .replace("plane: coronal", "plane: frontal")
             .replace("thickness_um: 20", "thickness_um: '20'")
-            .replace("[left, right]", "[left, up]"))
+            .replace("[left, right]", "[left, up]")
+            .replace("pixel_size_um: 20", "pixel_size_um: .inf"))
     path = write(tmp_path / "atlas.yaml", text)
     problems = validate_manifest(path, check_files=False)
     assert 'write the version in quotes ("0.1")' in one_problem(problems, "atlas.version")
     assert "got the number 1 (put it in quotes)" in one_problem(problems, "subjects[0].id ")
     assert "'coronal', 'sagittal' or 'axial'" in one_problem(problems, "sections.plane")
     assert "got '20'" in one_problem(problems, "thickness_um")
+    assert "finite number" in one_problem(problems, "pixel_size_um")
     assert one_problem(problems, "hemispheres[1]").startswith(
         f"subjects[0].hemispheres[1] {at(text, '[left, up]', 'up')}: "
     )

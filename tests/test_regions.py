@@ -97,14 +97,15 @@ def test_get_region_object(tree):
     assert tree.get(r) is r
 
 
-@pytest.mark.xfail(reason="BUG: get(Region) of a region not in the tree raises a bare KeyError "
-                          "(and `in` propagates it) instead of UnknownRegionError / False",
-                   strict=True)
 def test_foreign_region_object_is_not_found(tree):
+    # regression: this used to raise a bare KeyError (also out of `in`)
     foreign = Region(999, "elsewhere", "Elsewhere")
     assert foreign not in tree
     with pytest.raises(UnknownRegionError):
         tree.get(foreign)
+    # same key, other id: another tree's region, not this one's
+    with pytest.raises(UnknownRegionError):
+        tree.get(Region(998, "hOc1", "Area hOc1 (V1, 17, CalcS)"))
 
 
 def test_regex_lookup(tree):
@@ -134,6 +135,20 @@ def test_fuzzy_prefers_unique_shallowest_ancestor(tree):
     # 'area hoc2' matches hOc2 and both its hemisphere leaves: the area, their ancestor, wins
     assert keys(tree.find("area hoc2")) == ["hOc2", "hOc2_left", "hOc2_right"]
     assert tree.get("area hoc2").key == "hOc2"
+
+
+def test_shallowest_match_must_be_above_all_others():
+    regs = [Region(1, "root", "Root"),
+            Region(2, "a", "Alpha area", parent="root"),
+            Region(3, "a1", "Alpha area part 1", parent="a"),
+            Region(4, "b", "Beta", parent="root"),
+            Region(5, "b1", "Alpha area lookalike", parent="b")]
+    t = RegionTree(regs)
+    assert t.get("alpha area part").key == "a1"
+    # 'a' is the unique shallowest match, but 'b1' is not below it: ambiguous
+    with pytest.raises(UnknownRegionError, match="ambiguous") as info:
+        t.get("alph are")
+    assert set(info.value.suggestions) == {"a", "a1", "b1"}
 
 
 def test_ambiguous_query_lists_candidates(tree):
@@ -185,6 +200,12 @@ def test_non_string_queries(tree):
     assert "hOc1" in tree
     assert "V2" in tree
     assert "nothing like it" not in tree
+
+
+def test_non_ascii_digit_query_is_an_unknown_region(tree):
+    assert "²" not in tree
+    with pytest.raises(UnknownRegionError):
+        tree.get("²")
 
 
 def test_empty_query_matches_nothing(tree):
@@ -296,12 +317,12 @@ def test_levels_are_not_checked_without_levels():
     assert t.at_level("anything")[0].key == "a"
 
 
-@pytest.mark.xfail(reason="BUG: _KEY_RE/_COLOUR_RE use '$', which also matches before a "
-                          "trailing newline, so key 'a\\n' and colour '#aabbcc\\n' pass",
-                   strict=True)
-@pytest.mark.parametrize("region", [Region(1, "a\n", "A"), Region(1, "a", "A", colour="#aabbcc\n")],
-                         ids=["key", "colour"])
-def test_trailing_newline_is_not_a_valid_key_or_colour(region):
+@pytest.mark.parametrize("region", [
+    Region(1, "a\n", "A"), Region(1, "a", "A", colour="#aabbcc\n"),
+    Region(1, ".", "A"), Region(1, "..", "A"),
+], ids=["key-newline", "colour-newline", "key-dot", "key-dotdot"])
+def test_keys_and_colours_are_checked_in_full(region):
+    # regression: '$' also matched before a trailing newline; '.'/'..' are not file names
     with pytest.raises(InputError):
         RegionTree([region])
 
@@ -380,6 +401,10 @@ def test_load_hierarchy_errors(tmp_path):
     badj.write_text("{not json")
     with pytest.raises(InputError, match=re.escape(str(badj))):
         load_hierarchy(badj)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(InputError, match=re.escape(str(empty)) + ".*'regions' list"):
+        load_hierarchy(empty)
     invalid = tmp_path / "dup.yaml"
     invalid.write_text("regions:\n  - {id: 1, key: a, name: A}\n  - {id: 1, key: b, name: B}\n")
     with pytest.raises(InputError, match=re.escape(str(invalid)) + ".*duplicate region id"):
@@ -399,15 +424,17 @@ def test_flat_hierarchy_keys_are_file_safe_and_unique():
     assert [r.name for r in leaves] == names
     ks = [r.key for r in leaves]
     assert all(SAFE_KEY.fullmatch(k) for k in ks), ks
-    assert len({k.lower() for k in [*ks, "root"]}) == len(ks) + 1
+    root_key = t.roots()[0].key
+    assert len({k.lower() for k in [*ks, root_key]}) == len(ks) + 1
     assert ks[0] == "GM_Brocas_area_BA44_L"
-    assert ks[1:5] == ["a_b", "a_b_2", "a_b_3", "A_B_4"]
+    assert ks[3] == "a_b"  # the name that is already a valid key keeps it
+    assert ks[1:5] == ["a_b_2", "a_b_3", "a_b", "A_B_4"]
     assert ks[5] == "Area_1_2_x"
     assert ks[6] == "region7" and ks[8] == "region9"
-    assert ks[7] == "root_2"
-    # original names find their region (except those shadowed by a key, see the xfail below)
+    assert ks[7] == "root" and root_key == "root_2"  # a region named 'root' keeps its key
+    # every original name finds its own region, even where another name's key would be the same
     for r in leaves:
-        if r.name not in ("", "a_b", "root"):
+        if r.name != "":  # an empty name cannot be looked up
             assert t.get(r.name) == r
     assert [r.id for r in leaves] == list(range(1, len(names) + 1))
     assert t.roots()[0].id == len(names) + 1
@@ -425,19 +452,23 @@ def test_flat_hierarchy_with_ids():
         flat_hierarchy(["A", "B"], ids=[1])
 
 
-@pytest.mark.xfail(reason="BUG: a generated key can equal another region's name; keys are "
-                          "looked up first, so that name finds the wrong region", strict=True)
 def test_flat_hierarchy_every_name_finds_its_own_region():
-    t = flat_hierarchy(["Area 1", "Area_1"])  # keys: 'Area_1', 'Area_1_2'
+    # regression: 'Area 1' used to get key 'Area_1', so get('Area_1') found the wrong region
+    t = flat_hierarchy(["Area 1", "Area_1"])
+    assert [r.key for r in t.leaves()] == ["Area_1_2", "Area_1"]
     for r in t.leaves():
         assert t.get(r.name) == r
 
 
-@pytest.mark.xfail(reason="BUG: names '.' and '..' become keys '.' and '..', which are not "
-                          "usable as file names", strict=True)
+def test_flat_hierarchy_name_root_finds_its_region():
+    t = flat_hierarchy(["root", "other"])
+    assert t.get("root").name == "root"
+
+
 def test_flat_hierarchy_dot_names_get_usable_keys():
-    t = flat_hierarchy([".", ".."])
-    assert not any(set(r.key) == {"."} for r in t.leaves())
+    # regression: '.' and '..' used to become keys '.' and '..'
+    t = flat_hierarchy([".", "..", "a."])
+    assert [r.key for r in t.leaves()] == ["region1", "region2", "a"]
 
 
 # -- the shipped Juelich hierarchy ---------------------------------------------------------------

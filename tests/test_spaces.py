@@ -80,9 +80,8 @@ def test_invalid_subject_ids(bad):
         get_space(f"subject:{bad}")
 
 
-@pytest.mark.xfail(reason="BUG: subject_space checks the id with re.match(...$), and '$' matches "
-                          "before a trailing newline, so 's01\\n' is accepted", strict=True)
 def test_subject_id_with_trailing_newline_is_invalid():
+    # regression: '$' also matched before a trailing newline
     with pytest.raises(InputError):
         subject_space("s01\n")
 
@@ -189,6 +188,13 @@ def test_templates_for_other_spaces_are_ignored(tmp_path):
     assert mni.template_path() == path  # an override of an installed template
     with pytest.raises(UnknownSpaceError):
         get_space("BigBrain", templates={"nowhere": path})
+
+
+def test_subject_space_template_from_templates_mapping(tmp_path):
+    path = tmp_path / "b01_reconstruction.nii.gz"
+    small_template(path)
+    space = get_space("subject:b01", templates={"subject:b01": path})
+    assert space.template_path() == path
 
 
 def test_with_template_makes_an_absolute_copy(tmp_path, monkeypatch):

@@ -59,15 +59,17 @@ def test_a_failing_rename_keeps_the_old_file(tmp_path, monkeypatch):
     assert entries(tmp_path) == ["a.txt"]
 
 
-def test_a_failing_write_keeps_the_old_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("exc", [OSError("I/O error"), KeyboardInterrupt()],
+                         ids=["error", "interrupt"])
+def test_a_failing_write_keeps_the_old_file(tmp_path, monkeypatch, exc):
     path = tmp_path / "a.txt"
     path.write_text("old")
 
     def broken_fsync(fd):
-        raise OSError("I/O error")
+        raise exc
 
     monkeypatch.setattr(storage.os, "fsync", broken_fsync)
-    with pytest.raises(OSError, match="I/O error"):
+    with pytest.raises(type(exc)):
         atomic_write_text(path, "new")
     monkeypatch.undo()
     assert path.read_text() == "old"
@@ -185,10 +187,21 @@ def test_overwrite_with_failure_keeps_the_old_directory(tmp_path):
     assert entries(tmp_path) == ["out"]
 
 
-@pytest.mark.xfail(reason="BUG: overwriting a plain file moves it to .out.old-<pid> and then "
-                          "shutil.rmtree(ignore_errors=True) silently fails on a file, leaving it",
-                   strict=True)
+def test_overwrite_replaces_a_symlink_not_its_target(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "input.txt").write_text("precious")
+    out = tmp_path / "out"
+    out.symlink_to(target, target_is_directory=True)
+    with atomic_directory(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert not out.is_symlink() and entries(out) == ["new.txt"]
+    assert (target / "input.txt").read_text() == "precious"  # inputs are never modified
+    assert entries(tmp_path) == ["elsewhere", "out"]
+
+
 def test_overwrite_replaces_a_file_without_leftovers(tmp_path):
+    # regression: the old file was moved aside and then left there (rmtree fails on a file)
     out = tmp_path / "out"
     out.write_text("a file")
     with atomic_directory(out, overwrite=True) as tmp:
@@ -206,6 +219,8 @@ def test_atomic_directory_follows_the_umask(tmp_path, umask_022):
 
 # -- directory lock ------------------------------------------------------------------------------
 
+# Children run in tmp_path so they import the same atlasbuilder as this process (not one that
+# happens to sit in the current directory).
 HOLDER = textwrap.dedent("""
     import sys
     from atlasbuilder.storage import directory_lock
@@ -231,7 +246,7 @@ TRY_LOCK = textwrap.dedent("""
 def test_lock_held_by_another_process(tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         assert holder.stdout is not None and holder.stdin is not None
         assert holder.stdout.readline().strip() == "locked"
@@ -256,11 +271,11 @@ def test_lock_we_hold_blocks_another_process(tmp_path):
     out = tmp_path / "out"
     with directory_lock(out):
         r = subprocess.run([sys.executable, "-c", TRY_LOCK, str(out)], capture_output=True,
-                           text=True, timeout=60)
+                           text=True, timeout=60, cwd=tmp_path)
         assert r.returncode == 3, r.stderr
         assert f"pid {os.getpid()}" in r.stdout
     r = subprocess.run([sys.executable, "-c", TRY_LOCK, str(out)], capture_output=True,
-                       text=True, timeout=60)
+                       text=True, timeout=60, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "got it"
 
@@ -268,7 +283,7 @@ def test_lock_we_hold_blocks_another_process(tmp_path):
 def test_lock_dies_with_a_killed_process(tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         assert holder.stdout is not None
         assert holder.stdout.readline().strip() == "locked"

@@ -316,12 +316,11 @@ def test_nan_accepted_with_allow_nan_and_kept_in_place():
     np.testing.assert_array_equal(np.nan_to_num(values, nan=-1), np.where(np.isnan(data), -1, data))
 
 
-@pytest.mark.xfail(reason="BUG: NaN check runs after the dtype cast, so NaN voxels become "
-                          "garbage integers instead of being rejected", strict=True)
 def test_nan_is_rejected_even_when_casting_to_integers():
+    # regression: the cast used to run first, turning NaN into an arbitrary integer
     data = REF_DATA.copy()
     data[0, 0, 0] = np.nan
-    with pytest.raises(InvalidImageError), np.errstate(invalid="ignore"):
+    with pytest.raises(InvalidImageError, match="1 voxels"), np.errstate(invalid="ignore"):
         read_nifti(nib.Nifti1Image(data, ref_affine()), "s", dtype="int16")
 
 
@@ -606,3 +605,29 @@ def test_different_shape():
 def test_same_shape_other_grid(other):
     with pytest.raises(GridMismatchError, match="different grids"):
         check_same_grid(vol_on(GRID), vol_on(other))
+
+
+# -- known bugs ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["int64", "bool"])
+def test_to_nifti_writes_int64_labels_and_bool_masks(tmp_path, dtype):
+    labels = (np.arange(24).reshape(2, 3, 4) % 3).astype(dtype)  # e.g. from np.argmax
+    vol = from_array(labels, Grid((2, 3, 4), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), "s")
+    nib.save(to_nifti(vol), tmp_path / "labels.nii.gz")
+    np.testing.assert_array_equal(np.asanyarray(nib.load(tmp_path / "labels.nii.gz").dataobj),
+                                  labels.astype(int))
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (6,), (3, 2)])
+def test_nearest_voxel_rejects_points_of_the_wrong_shape(shape):
+    with pytest.raises(ValueError):
+        GRID.nearest_voxel(np.zeros(shape))
+
+
+def test_single_slice_keeps_its_thickness():
+    img = nib.Nifti1Image(np.ones((4, 4, 1), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    vol = read_nifti(img, "s")
+    np.testing.assert_allclose(to_nifti(vol).affine, img.affine)
+    # and a point 0.8 mm off the slice centre (inside its 2 mm thickness) is inside
+    _, inside = nearest_voxel(vol, [0.0, 0.0, 0.8])
+    assert inside[0]
