@@ -380,6 +380,27 @@ class Atlas:
             out[members] = block[:, local[:, 0], local[:, 1], local[:, 2]].T
         return out, inside
 
+    def _hits(
+        self, points_mm: Any, space: str | None, min_probability: float
+    ) -> tuple[SpaceMaps, np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        """Per point, the map columns at or above ``min_probability`` and their probabilities,
+        sorted by probability (descending; ties in map order). Vectorised over all points."""
+        if not 0 <= min_probability <= 1:
+            raise InputError(f"min_probability must be within 0..1, got {min_probability}")
+        sm = self.space_maps(space)
+        pts = _as_points(points_mm)
+        values, inside = self._lookup(sm, pts)
+        rows, cols = np.nonzero(values)  # only non-zero entries matter (sparse in practice)
+        probs = values[rows, cols].astype(np.float64) / sm.divisor
+        keep = probs >= min_probability
+        rows, cols, probs = rows[keep], cols[keep], probs[keep]
+        order = np.lexsort((cols, -probs, rows))
+        rows, cols, probs = rows[order], cols[order], probs[order]
+        bounds = np.searchsorted(rows, np.arange(len(pts) + 1))
+        col_lists = np.split(cols, bounds[1:-1])
+        prob_lists = np.split(probs, bounds[1:-1])
+        return sm, pts, inside, col_lists, prob_lists
+
     def query(
         self,
         points_mm: Any,
@@ -391,35 +412,53 @@ class Atlas:
 
         Each answer is ``{"space", "point", "regions": [{"id", "key", "name", "probability"}]}``
         with regions sorted by probability (descending; ties by map order) and those below
-        ``min_probability`` left out; a point outside the volume has ``"regions": []`` and
-        ``"outside": true``.
+        ``min_probability`` (or zero) left out; a point outside the volume has ``"regions": []``
+        and ``"outside": true``.
+
+        Raises
+        ------
+        InputError
+            Bad points or a threshold outside 0..1.
         """
-        if not 0 <= min_probability <= 1:
-            raise InputError(f"min_probability must be within 0..1, got {min_probability}")
-        sm = self.space_maps(space)
-        pts = _as_points(points_mm)
-        values, inside = self._lookup(sm, pts)
+        sm, pts, inside, col_lists, prob_lists = self._hits(points_mm, space, min_probability)
         regs = [self.regions.get(i) for i in sm.region_ids]
-        probs = values.astype(np.float64) / sm.divisor
-        keep = probs >= min_probability
-        if min_probability == 0:
-            keep &= values > 0
+        info = [{"id": r.id, "key": r.key, "name": r.name} for r in regs]
         out: list[dict[str, Any]] = []
-        for n in range(len(pts)):
-            ans: dict[str, Any] = {"space": sm.space, "point": [float(v) for v in pts[n]]}
-            if not inside[n]:
+        for n, (cols, probs) in enumerate(zip(col_lists, prob_lists, strict=True)):
+            ans: dict[str, Any] = {"space": sm.space, "point": pts[n].tolist()}
+            if inside[n]:
+                ans["regions"] = [dict(info[c], probability=p)
+                                  for c, p in zip(cols.tolist(), probs.tolist(), strict=True)]
+            else:
                 ans["regions"] = []
                 ans["outside"] = True
-            else:
-                cols = np.flatnonzero(keep[n])
-                cols = cols[np.argsort(-probs[n, cols], kind="stable")]
-                ans["regions"] = [
-                    {"id": regs[c].id, "key": regs[c].key, "name": regs[c].name,
-                     "probability": float(probs[n, c])}
-                    for c in cols
-                ]
             out.append(ans)
         return out
+
+    def query_json_lines(
+        self,
+        points_mm: Any,
+        space: str | None = None,
+        *,
+        min_probability: float = DEFAULT_MIN_PROBABILITY,
+    ) -> str:
+        """:meth:`query` serialised as JSON Lines (one object per point), built without the
+        intermediate dicts so that 10^5 points print in a fraction of a second."""
+        sm, pts, inside, col_lists, prob_lists = self._hits(points_mm, space, min_probability)
+        regs = [self.regions.get(i) for i in sm.region_ids]
+        frag = [json.dumps({"id": r.id, "key": r.key, "name": r.name})[:-1] + ', "probability": '
+                for r in regs]
+        head = '{"space": ' + json.dumps(sm.space) + ', "point": ['
+        lines = []
+        for n, (cols, probs) in enumerate(zip(col_lists, prob_lists, strict=True)):
+            x, y, z = pts[n].tolist()
+            if inside[n]:
+                regions = ", ".join(frag[c] + repr(p) + "}"
+                                    for c, p in zip(cols.tolist(), probs.tolist(), strict=True))
+                lines.append(f"{head}{x!r}, {y!r}, {z!r}], \"regions\": [{regions}]}}\n")
+            else:
+                lines.append(f"{head}{x!r}, {y!r}, {z!r}], \"regions\": [], \"outside\": true}}\n")
+        return "".join(lines)
 
 
 def _as_points(points_mm: Any) -> np.ndarray:

@@ -236,11 +236,11 @@ def _cmd_query(args: argparse.Namespace) -> int:
         raise InputError(f"expected three coordinates X Y Z, got {len(args.coords)}")
     points = _read_points(args.points) if args.points is not None else [args.coords]
     atlas = load_atlas(args.atlas)
-    answers = atlas.query(points, args.space, min_probability=args.min_probability)
     out = sys.stdout
     if args.json:
-        out.write("".join(json.dumps(a) + "\n" for a in answers))
+        out.write(atlas.query_json_lines(points, args.space, min_probability=args.min_probability))
         return 0
+    answers = atlas.query(points, args.space, min_probability=args.min_probability)
     lines = []
     for a in answers:
         x, y, z = a["point"]
