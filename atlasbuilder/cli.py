@@ -12,6 +12,7 @@ import logging
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="small cohort and fast settings (the demo in minutes)")
     p.add_argument("--force", action="store_true", help="rebuild into an existing directory")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "synth", help="generate the synthetic demo cohort (sections, annotations, truth)",
+        description="Write OUTDIR/manifest.yaml, the section and annotation images, a reference "
+                    "brain (the demo's BigBrain) and OUTDIR/truth/ (never read by the build).")
+    p.add_argument("outdir", type=Path)
+    p.add_argument("--subjects", type=int, default=10, help="brains in the cohort (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help="at most 3 brains, coarser section spacing (generates in about a minute)")
+    p.add_argument("--areas", nargs="+", default=None, metavar="AREA",
+                   help="areas to generate (default: hOc1 hOc2 hOc3v hOc4v hOc5)")
+    p.add_argument("--no-reference", action="store_true", help="no reference (BigBrain) brain")
+    p.add_argument("--contact-sheet", action="store_true",
+                   help="also write OUTDIR/contact_sheet.png (sections with annotation contours)")
+    p.add_argument("--workers", type=int, default=2, help="processes (default 2)")
+    p.add_argument("--force", action="store_true", help="replace an existing OUTDIR")
     _add_common(p)
 
     p = sub.add_parser("validate", help="check a manifest and report every problem at once")
@@ -160,6 +179,28 @@ def _cmd_build(args: argparse.Namespace) -> int:
     out = build(args.manifest, args.output, quick=args.quick, force=args.force,
                 progress=not args.quiet)
     log.info("atlas written to %s", out)
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from .synthetic.cohort import CohortSettings, generate_cohort
+
+    if args.subjects < 1:
+        raise InputError(f"--subjects must be at least 1, got {args.subjects}")
+    if args.seed < 0:
+        raise InputError(f"--seed must be >= 0, got {args.seed}")
+    settings = CohortSettings(subjects=args.subjects, seed=args.seed,
+                              reference_brain=not args.no_reference, workers=max(1, args.workers))
+    if args.areas:
+        from .regions import load_hierarchy
+
+        tree = load_hierarchy("juelich")
+        settings = replace(settings, areas=tuple(tree.get(a).key for a in args.areas))
+    if args.quick:
+        settings = settings.quick()
+    manifest = generate_cohort(args.outdir, settings, progress=not args.quiet,
+                               contact_sheet=args.contact_sheet, force=args.force)
+    log.info("demo cohort written: %s (truth in %s)", manifest, args.outdir / "truth")
     return 0
 
 
@@ -309,6 +350,7 @@ def _cmd_spaces(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "build": _cmd_build,
+    "synth": _cmd_synth,
     "validate": _cmd_validate,
     "import": _cmd_import,
     "query": _cmd_query,

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputExistsError
+from .errors import AtlasBuilderError, OutputExistsError, StageError
 
 log = logging.getLogger("atlasbuilder")
 
@@ -65,8 +65,28 @@ class Stage:
     applies: Callable[[Any], bool] = lambda manifest: True
 
 
+def _synthesize(ctx: BuildContext) -> StageResult:
+    """Generate (or take from the cache) the demo cohort the synthetic manifest asks for."""
+    from .manifest import load_manifest
+    from .synthetic.cohort import CohortSettings, cached_cohort
+
+    m = ctx.manifest
+    syn = m.synthetic
+    settings = CohortSettings(subjects=syn.subjects, seed=m.seed, areas=tuple(m.areas),
+                              annotated_sections=syn.annotated_sections,
+                              reference_brain=syn.reference_brain)
+    if m.is_quick:
+        settings = settings.quick()
+    path, hit = cached_cohort(settings, progress=ctx.progress)
+    # from here on the build reads the generated data exactly as it reads real data
+    ctx.products["data_manifest"] = load_manifest(path)
+    ctx.products["cohort_dir"] = path.parent
+    note = f"{'cached' if hit else 'generated'}: {path.parent}"
+    return StageResult("synthesize", "done", items=settings.subjects, note=note)
+
+
 STAGES: tuple[Stage, ...] = (
-    Stage("synthesize", "generate the demo cohort", None, lambda m: m.is_synthetic),
+    Stage("synthesize", "generate the demo cohort", _synthesize, lambda m: m.is_synthetic),
     Stage("segmentation", "map areas in every section (CNN)", None),
     Stage("reconstruction", "stack sections into 3-D per brain", None),
     Stage("registration", "register brains to the reference spaces (ANTs)", None),
@@ -163,8 +183,15 @@ def build(
                             stage.name, stage.description, __version__)
                 continue
             t0 = time.perf_counter()
-            res = stage.run(ctx)
+            log.info("stage %s: %s", stage.name, stage.description)
+            try:
+                res = stage.run(ctx)
+            except AtlasBuilderError:
+                raise
+            except Exception as exc:  # a bug or a library failure: name the stage, keep the cause
+                raise StageError(f"stage {stage.name} failed: {type(exc).__name__}: {exc}") from exc
             res.seconds = time.perf_counter() - t0
+            log.info("stage %s done in %.1f s (%s)", stage.name, res.seconds, res.note)
             results.append(res)
         inputs: dict[str, Any] = {"manifest": {"path": str(mpath.absolute()),
                                                "sha256": sha256_file(mpath)}}

