@@ -55,8 +55,8 @@ class CohortSettings:
     thickness_um: float = 20.0
     annotated_sections: int = 2
     reference_brain: bool = True
-    reference_pixel_size_mm: float = 0.1
-    reference_spacing_mm: float = 1.0
+    reference_pixel_size_mm: float = 0.15
+    reference_spacing_mm: float = 1.5
     anterior_margin_mm: float = 6.0
     missing_fraction: float = 0.04
     torn_fraction: float = 0.04
@@ -78,7 +78,7 @@ class CohortSettings:
 # one brain
 
 
-def _thickened_population(settings: CohortSettings, cache_dir: Path | None, progress: bool) -> Any:
+def demo_population(settings: CohortSettings, cache_dir: Path | None, progress: bool) -> Any:
     """The population with its cortex thickened into the white matter.
 
     The 1 mm template's cortex is 2-3 voxels thick; at the demo's 0.2 mm pixels its six layers
@@ -100,7 +100,7 @@ def _thickened_population(settings: CohortSettings, cache_dir: Path | None, prog
     tissue = base.tissue.copy()
     tissue["tissue"].values[...] = t
     mask = pop.grey_matter_mask(tissue, dilation=1)
-    layout = pop.AreaLayoutModel.from_maps(base.maps, mask, smoothness_mm=4.0)
+    layout = pop.AreaLayoutModel.from_maps(base.maps, mask)  # the population default smoothness
     return replace(base, tissue=tissue, mask=mask, layout=layout)
 
 
@@ -241,7 +241,7 @@ def _save_nifti(img: Any, path: Path) -> None:
 
     raw = img.to_bytes()
     buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=6) as gz:
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=1) as gz:
         gz.write(raw)
     atomic_write_bytes(path, buf.getvalue())
 
@@ -274,7 +274,7 @@ def generate_cohort(out_dir: str | Path, settings: CohortSettings | None = None,
     if s.subjects < 1:
         raise InputError(f"subjects must be >= 1, got {s.subjects}")
     t0 = time.perf_counter()
-    pop = _thickened_population(s, Path(cache_dir) if cache_dir else None, progress)
+    pop = demo_population(s, Path(cache_dir) if cache_dir else None, progress)
     if pop.space != TARGET_SPACE:
         raise InputError(f"the demo cohort is generated in {TARGET_SPACE}, not {pop.space}")
     ids = [f"B{i + 1:02d}" for i in range(s.subjects)]
@@ -285,8 +285,8 @@ def generate_cohort(out_dir: str | Path, settings: CohortSettings | None = None,
                  "pixel_size_mm": s.pixel_size_mm, "spacing_mm": s.section_spacing_mm,
                  "annotated": s.annotated_sections, "sections_dir": "sections"}
                 for sid, seed in zip(ids, seeds[:-1], strict=True)]
-        if s.reference_brain:
-            jobs.append({"settings": s, "population": pop, "out": tmp, "id": "BigBrain",
+        if s.reference_brain:  # first: the largest job starts while the others queue
+            jobs.insert(0, {"settings": s, "population": pop, "out": tmp, "id": "BigBrain",
                          "seed": seeds[-1], "pixel_size_mm": s.reference_pixel_size_mm,
                          "spacing_mm": s.reference_spacing_mm, "annotated": 0,
                          "sections_dir": "reference/sections",
