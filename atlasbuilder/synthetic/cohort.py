@@ -65,7 +65,7 @@ class CohortSettings:
 
     def quick(self) -> CohortSettings:
         return replace(self, subjects=min(self.subjects, 3), section_spacing_mm=3.0,
-                       reference_spacing_mm=2.0, reference_pixel_size_mm=0.2)
+                       reference_spacing_mm=3.0, reference_pixel_size_mm=0.2)
 
     def cache_key(self) -> dict[str, Any]:
         d = asdict(self)
