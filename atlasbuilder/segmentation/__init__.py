@@ -1,0 +1,44 @@
+"""Segmentation: map cortical areas in every histological section of a brain (torch lives here only).
+
+- :mod:`.prediction` — the sliding-window engine. It knows nothing of the model: any callable that
+  maps a ``(B, C, h, w)`` tensor to ``(B, K, h, w)`` scores. Sections of any size are read, blended
+  and written tile-row by tile-row, so peak memory does not grow with the section.
+- :mod:`.networks` — a compact 2-D U-Net with optional prior channels and a coarse context branch.
+- :mod:`.data` — checked annotated sections, class-balanced patches, augmentation.
+- :mod:`.training` — training with early stopping, checkpoints, fine-tuning.
+- :mod:`.pretraining` — self-supervised pretraining (masked inpainting) on unannotated sections.
+
+Nothing is imported eagerly: ``import atlasbuilder.segmentation`` does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "predict_array": "prediction",
+    "predict_file": "prediction",
+    "predict_sections": "prediction",
+    "open_prediction": "prediction",
+    "importance_map": "prediction",
+    "window_starts": "prediction",
+    "SlidingWindow": "prediction",
+    "UNet": "networks",
+    "SegmentationModel": "training",
+    "TrainingConfig": "training",
+    "train": "training",
+    "save_checkpoint": "training",
+    "load_checkpoint": "training",
+    "pretrain": "pretraining",
+    "PretrainingConfig": "pretraining",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -1,0 +1,171 @@
+"""Networks: a compact 2-D U-Net with optional prior channels and a coarse context branch.
+
+The U-Net maps ``(B, in_channels, h, w)`` to per-class logits ``(B, num_classes, h, w)`` for any
+``h, w`` (inputs are reflect-padded to a multiple of ``2 ** (depth - 1)`` inside and cropped back).
+Extra input channels (e.g. an atlas prior: one probability map per class, registered to the section)
+are simply more ``in_channels``.
+
+The optional *context branch* answers "where in the section is this window?", which texture alone
+cannot: area identity depends on position. It encodes a small, whole-section overview (the section
+block-averaged to ``context_size`` pixels, plus one channel marking the window's footprint) into
+``context_features`` numbers by a few strided convolutions and a linear layer, and concatenates them,
+broadcast, to the bottleneck. It costs almost nothing next to the U-Net.
+
+Example
+-------
+>>> import torch
+>>> net = UNet(in_channels=1, num_classes=5, depth=3, width=8)
+>>> net(torch.zeros(2, 1, 37, 50)).shape
+torch.Size([2, 5, 37, 50])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError
+
+__all__ = ["NORMS", "ContextEncoder", "UNet"]
+
+NORMS = ("batch", "instance", "group", "none")
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "group":
+        groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+        return nn.GroupNorm(groups, channels)
+    return nn.Identity()
+
+
+class _ConvBlock(nn.Sequential):
+    """(conv 3x3 -> norm -> ReLU) x 2, dropout between."""
+
+    def __init__(self, cin: int, cout: int, norm: str, dropout: float) -> None:
+        bias = norm == "none"
+        layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=bias), _norm(norm, cout),
+                                   nn.ReLU(inplace=True)]
+        if dropout > 0:
+            layers.append(nn.Dropout2d(dropout))
+        layers += [nn.Conv2d(cout, cout, 3, padding=1, bias=bias), _norm(norm, cout), nn.ReLU(inplace=True)]
+        super().__init__(*layers)
+
+
+class ContextEncoder(nn.Module):
+    """``(B, channels, size, size)`` overview (+ window mask) -> ``(B, features)``."""
+
+    def __init__(self, channels: int, size: int, features: int = 32, width: int = 8) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin, n = channels, size
+        while n > 4:
+            cout = min(width * 2 ** (len(layers) // 2), 64)
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.ReLU(inplace=True)]
+            cin, n = cout, (n + 1) // 2
+        self.conv = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin * n * n, features)
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc(torch.flatten(self.conv(x), 1)))
+
+
+class UNet(nn.Module):
+    """Compact 2-D U-Net producing per-class logits.
+
+    Parameters
+    ----------
+    in_channels
+        Image channels plus any prior channels.
+    num_classes
+        Output classes (background, each area, other cortex/tissue).
+    depth
+        Resolution levels (``depth - 1`` poolings).
+    width
+        Feature maps at full resolution, doubled at each level.
+    norm
+        ``"batch"``, ``"instance"``, ``"group"`` or ``"none"``.
+    dropout
+        Channel dropout inside each block (0 = off).
+    context_channels
+        Channels of the context overview including its window-mask channel (0 = no context
+        branch).
+    context_size
+        Edge of the (square) context overview in pixels.
+    context_features
+        Numbers the context is encoded into.
+
+    Raises
+    ------
+    InputError
+        Invalid sizes or an unknown ``norm``.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 2, *, depth: int = 4, width: int = 16,
+                 norm: str = "batch", dropout: float = 0.0, context_channels: int = 0,
+                 context_size: int = 64, context_features: int = 32) -> None:
+        super().__init__()
+        if norm not in NORMS:
+            raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
+        for name, value, low in (("in_channels", in_channels, 1), ("num_classes", num_classes, 1),
+                                 ("depth", depth, 1), ("width", width, 1),
+                                 ("context_channels", context_channels, 0)):
+            if int(value) < low:
+                raise InputError(f"{name} must be at least {low}, got {value!r}")
+        if not 0 <= dropout < 1:
+            raise InputError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.config: dict[str, Any] = {
+            "in_channels": in_channels, "num_classes": num_classes, "depth": depth, "width": width,
+            "norm": norm, "dropout": dropout, "context_channels": context_channels,
+            "context_size": context_size, "context_features": context_features,
+        }
+        chans = [width * 2**i for i in range(depth)]
+        self.down = nn.ModuleList()
+        cin = in_channels
+        for c in chans:
+            self.down.append(_ConvBlock(cin, c, norm, dropout))
+            cin = c
+        self.context = None
+        if context_channels:
+            self.context = ContextEncoder(context_channels, context_size, context_features)
+            self.fuse = nn.Sequential(nn.Conv2d(chans[-1] + context_features, chans[-1], 1),
+                                      nn.ReLU(inplace=True))
+        self.up = nn.ModuleList()
+        self.reduce = nn.ModuleList()
+        for c_hi, c_lo in zip(chans[:-1][::-1], chans[1:][::-1], strict=True):
+            self.reduce.append(nn.Conv2d(c_lo, c_hi, 1))
+            self.up.append(_ConvBlock(2 * c_hi, c_hi, norm, dropout))
+        self.head = nn.Conv2d(chans[0], num_classes, 1)
+        self.multiple = 2 ** (depth - 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for ``x``; ``context`` ``(B, context_channels, s, s)`` if the branch exists."""
+        h, w = x.shape[-2:]
+        m = self.multiple
+        ph, pw = -h % m, -w % m
+        if ph or pw:
+            mode = "reflect" if ph < h and pw < w else "replicate"
+            x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        skips = []
+        for i, block in enumerate(self.down):
+            if i:
+                x = F.max_pool2d(x, 2)
+            x = block(x)
+            skips.append(x)
+        if self.context is not None:
+            if context is None:
+                raise InputError("this network has a context branch: pass the context overview")
+            z = self.context(context)[:, :, None, None].expand(-1, -1, *x.shape[-2:])
+            x = self.fuse(torch.cat([x, z], 1))
+        for reduce, block, skip in zip(self.reduce, self.up, skips[:-1][::-1], strict=True):
+            x = F.interpolate(reduce(x), size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(torch.cat([x, skip], 1))
+        out = self.head(x)
+        return out[..., :h, :w] if (ph or pw) else out

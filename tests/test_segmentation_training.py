@@ -1,0 +1,337 @@
+"""Networks, training data, augmentation, training, checkpoints and fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from atlasbuilder.errors import InputError, InvalidImageError, MissingFileError
+from atlasbuilder.segmentation.data import (
+    IGNORE,
+    Augmentation,
+    PatchSampler,
+    augment,
+    check_sections,
+    context_input,
+)
+from atlasbuilder.segmentation.networks import UNet
+from atlasbuilder.segmentation.prediction import open_prediction, predict_array, predict_file
+from atlasbuilder.segmentation.training import (
+    SegmentationModel,
+    TrainingConfig,
+    dice_scores,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
+
+torch.set_num_threads(1)
+
+MAPPING = {0: "background", 10: "area A", 20: "area B", 255: None}
+CLASSES = ["background", "area A", "area B"]
+
+
+def toy_brain(n: int = 4, size: int = 48, seed: int = 0):
+    """Sections with a bright disc split into a left (area A, stripes) and right (area B, dots) half;
+    255 = not annotated in a corner."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for _ in range(n):
+        yy, xx = np.mgrid[0:size, 0:size]
+        cy, cx = size / 2 + rng.normal(0, 2, 2)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < (0.4 * size) ** 2
+        left = xx < cx
+        img = np.full((size, size), 230.0)
+        img[disc & left] = 100 + 40 * np.sin(yy[disc & left] / 1.5)
+        img[disc & ~left] = 100 + 40 * ((yy[disc & ~left] % 4 < 2) & (xx[disc & ~left] % 4 < 2))
+        img += rng.normal(0, 5, img.shape)
+        lab = np.where(disc, np.where(left, 10, 20), 0).astype(np.uint8)
+        lab[:4, :4] = 255
+        images.append(np.clip(img, 0, 255).astype(np.uint8))
+        labels.append(lab)
+    return images, labels
+
+
+FAST = TrainingConfig(patch_size=16, batch_size=4, max_iterations=12, eval_every=6, width=4, depth=2,
+                      context_size=8, learning_rate=1e-2)
+
+
+# -------------------------------------------------------------------------------------------------
+# networks
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance", "group", "none"])
+@pytest.mark.parametrize("depth", [1, 3])
+def test_unet_shapes_for_any_size(norm, depth):
+    net = UNet(2, 5, depth=depth, width=4, norm=norm, dropout=0.1).eval()
+    for h, w in [(37, 50), (8, 8), (3, 5), (64, 33)]:
+        assert net(torch.randn(2, 2, h, w)).shape == (2, 5, h, w)
+
+
+def test_unet_context_branch():
+    net = UNet(1, 3, depth=3, width=4, context_channels=3, context_size=16).eval()
+    out = net(torch.randn(2, 1, 24, 24), torch.randn(2, 3, 16, 16))
+    assert out.shape == (2, 3, 24, 24)
+    # the context changes the output: it is used
+    assert not torch.allclose(out, net(torch.randn(2, 1, 24, 24) * 0 + 0, torch.randn(2, 3, 16, 16)))
+    with pytest.raises(InputError, match="context"):
+        net(torch.randn(1, 1, 24, 24))
+    with pytest.raises(InputError, match="norm"):
+        UNet(1, 2, norm="layer")
+    with pytest.raises(InputError, match="depth"):
+        UNet(1, 2, depth=0)
+
+
+# -------------------------------------------------------------------------------------------------
+# data
+
+
+def test_check_sections_maps_labels_and_names_bad_input():
+    images, labels = toy_brain(2)
+    secs = check_sections(images, labels, MAPPING, CLASSES, names=["a.tif", "b.tif"])
+    assert secs[0].image.shape == (1, 48, 48) and secs[0].image.dtype == np.float32
+    assert set(np.unique(secs[0].target)) == {IGNORE, 0, 1, 2}
+    bad = labels[1].copy()
+    bad[10, 10] = 7
+    with pytest.raises(InputError, match=r"b\.tif.*\[7\].*not in the label mapping"):
+        check_sections(images, [labels[0], bad], MAPPING, CLASSES, names=["a.tif", "b.tif"])
+    with pytest.raises(InvalidImageError, match=r"b\.tif.*annotation has shape \(48, 47\)"):
+        check_sections(images, [labels[0], labels[1][:, :47]], MAPPING, CLASSES, names=["a.tif", "b.tif"])
+    with pytest.raises(InvalidImageError, match=r"b\.tif.*constant"):
+        check_sections([images[0], np.zeros_like(images[1])], labels, MAPPING, CLASSES,
+                       names=["a.tif", "b.tif"])
+    with pytest.raises(InvalidImageError, match="empty"):
+        check_sections([np.zeros((0, 4))], [np.zeros((0, 4))], MAPPING, CLASSES)
+    with pytest.raises(InvalidImageError, match="channels"):
+        check_sections([images[0], np.stack([images[1]] * 2)], labels, MAPPING, CLASSES)
+    with pytest.raises(InputError, match="pair up"):
+        check_sections(images, labels[:1], MAPPING, CLASSES)
+    with pytest.raises(InputError, match="not in the class list"):
+        train(images, labels, {**MAPPING, 30: "area C"}, classes=CLASSES, config=FAST)
+
+
+def test_patch_sampler_balances_classes_and_pads_outside():
+    img = np.random.default_rng(0).random((1, 40, 50)).astype(np.float32)
+    target = np.zeros((40, 50), np.int64)
+    target[5, 7] = 2  # one pixel of class 2
+    target[20:30, 20:30] = 1
+    secs = check_sections([img], [target], {0: "bg", 1: "a", 2: "b"}, ["bg", "a", "b"])
+    sampler = PatchSampler(secs, 1, np.random.default_rng(1))
+    _, tgt, which, origins = sampler.sample(3000)
+    counts = np.bincount(tgt.ravel(), minlength=3) / 3000
+    np.testing.assert_allclose(counts, 1 / 3, atol=0.04)
+    assert (which == 0).all()
+    big = PatchSampler(secs, 64, np.random.default_rng(2))  # larger than the section
+    images, targets, _, origins = big.sample(5)
+    assert images.shape == (5, 1, 64, 64) and targets.shape == (5, 64, 64)
+    for k in range(5):
+        y0, x0 = origins[k]
+        inside = np.zeros((64, 64), bool)
+        inside[max(0, -y0):40 - y0, max(0, -x0):50 - x0] = True
+        assert (targets[k][~inside] == IGNORE).all() and (targets[k][inside] != IGNORE).all()
+        np.testing.assert_array_equal(images[k][0][inside].reshape(40, 50), img[0])
+
+
+def test_augmentation_keeps_image_and_labels_aligned_and_is_seeded():
+    y = torch.from_numpy(np.random.default_rng(0).integers(0, 4, (6, 1, 8, 8))).repeat_interleave(4, 2)
+    y = y.repeat_interleave(4, 3)[:, 0]  # blocky labels, (6, 32, 32)
+    x = y[:, None].float()
+    ctx = torch.zeros(6, 3, 8, 8)
+    ctx[:, 2, 0, 1] = 1  # a window mark, to follow the flips
+    flips_only = Augmentation(rotation_deg=0, scale=0, elastic_px=0, contrast=0, brightness=0, gamma=0,
+                              noise=0)
+    xa, ya, ca = augment(x, y, ctx, flips_only, torch.Generator().manual_seed(0))
+    assert torch.equal(xa[:, 0], ya.float())
+    assert ca is ctx  # the overview and the window's true place are never mirrored
+    assert not torch.equal(xa, x)
+    geometric = Augmentation(contrast=0, brightness=0, gamma=0, noise=0)
+    xg, yg, _ = augment(x, y, None, geometric, torch.Generator().manual_seed(0))
+    assert set(yg.unique().tolist()) <= set(y.unique().tolist())
+    assert (xg[:, 0].round() == yg.float()).float().mean() > 0.85  # bilinear vs nearest, blocky labels
+    full = Augmentation()
+    a = augment(x, y, ctx, full, torch.Generator().manual_seed(3))
+    b = augment(x, y, ctx, full, torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], augment(x, y, ctx, full, torch.Generator().manual_seed(4))[0])
+
+
+def test_context_input_marks_the_window():
+    canvas = torch.zeros(2, 10, 10)
+    ctx = context_input(canvas, 4, torch.tensor([[0, 0], [8, 20]]), (8, 12))
+    assert ctx.shape == (2, 3, 10, 10)
+    assert ctx[0, 2].sum() == 2 * 3 and ctx[0, 2, :2, :3].all()
+    assert ctx[1, 2, 2:4, 5:8].all() and ctx[1, 2].sum() == 6
+
+
+def test_dice_scores_ignore_unannotated_pixels():
+    target = np.array([[0, 1, 1, IGNORE]])
+    pred = np.array([[0, 1, 0, 1]])
+    assert dice_scores(pred, target, 3) == {0: 2 / 3, 1: 2 / 3}
+
+
+# -------------------------------------------------------------------------------------------------
+# training, determinism, checkpoints, fine-tuning
+
+
+@pytest.fixture(scope="module")
+def trained():
+    images, labels = toy_brain(4)
+    model, history = train(images, labels, MAPPING, config=FAST, seed=0, names=[f"s{i}" for i in range(4)])
+    return images, labels, model, history
+
+
+def test_train_returns_a_model_and_its_history(trained):
+    images, _, model, history = trained
+    assert model.classes == CLASSES and not model.training
+    assert [h["iteration"] for h in history] == [6, 12]
+    assert all(h["val_dice"] is not None and np.isfinite(h["loss"]) for h in history)
+    assert model.meta["training"]["validation"] and model.meta["training"]["seed"] == 0
+    out = predict_array(images[0], model, window=model.window())
+    assert out.shape == (3, 48, 48) and np.isfinite(out).all()
+
+
+def test_training_is_deterministic_for_a_seed(trained):
+    images, labels, model, _ = trained
+    state = torch.get_rng_state()
+    again, _ = train(images, labels, MAPPING, config=FAST, seed=0, names=[f"s{i}" for i in range(4)])
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
+    for (k, a), b in zip(model.net.state_dict().items(), again.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    other, _ = train(images, labels, MAPPING, config=FAST, seed=1)
+    assert not torch.equal(model.net.head.weight, other.net.head.weight)
+
+
+def test_training_learns_the_toy_problem():
+    images, labels = toy_brain(5, seed=3)
+    cfg = TrainingConfig(patch_size=32, batch_size=8, max_iterations=80, eval_every=40, width=8, depth=3,
+                         context=False, learning_rate=1e-2, augmentation=Augmentation(elastic_px=0))
+    model, _ = train(images[:4], labels[:4], MAPPING, config=cfg, validation=[3], seed=0)
+    out = predict_array(images[4], model, window=model.window()).argmax(0)
+    target = check_sections(images[4:], labels[4:], MAPPING, CLASSES)[0].target
+    d = dice_scores(out, target, 3)
+    assert min(d.values()) > 0.8, d
+
+
+def test_checkpoint_round_trip_is_weights_only(tmp_path, trained):
+    images, _, model, _ = trained
+    path = save_checkpoint(model, tmp_path / "ckpt" / "model.pt")
+    raw = torch.load(path, weights_only=True)
+    assert raw["meta"]["classes"] == CLASSES
+    json.dumps(raw["meta"])  # metadata is plain JSON
+    assert {"torch", "numpy"} <= set(raw["meta"]["versions"])
+    assert raw["meta"]["normalisation"]["mean"] and raw["meta"]["history"]
+    loaded = load_checkpoint(path, classes=CLASSES)
+    a = predict_array(images[1], model, window=model.window())
+    b = predict_array(images[1], loaded, window=loaded.window())
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(InputError, match=r"model\.pt.*trained for classes"):
+        load_checkpoint(path, classes=["background", "area B", "area A"])
+    with pytest.raises(MissingFileError):
+        load_checkpoint(tmp_path / "none.pt")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (open, ("/tmp/atlasbuilder-pwned-by-checkpoint", "w"))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_loading_never_executes_pickled_code(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "atlasbuilder-segmentation-checkpoint/1", "meta": _Evil()}, evil)
+    marker = "/tmp/atlasbuilder-pwned-by-checkpoint"
+    import os
+
+    if os.path.exists(marker):
+        os.unlink(marker)
+    with pytest.raises(InputError, match=r"evil\.pt.*weights_only"):
+        load_checkpoint(evil)
+    assert not os.path.exists(marker)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(InputError, match=r"junk\.pt"):
+        load_checkpoint(junk)
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(InputError, match="not an atlasbuilder segmentation checkpoint"):
+        load_checkpoint(other)
+
+
+def test_fine_tuning_from_a_checkpoint(tmp_path, trained):
+    images, labels, model, _ = trained
+    path = save_checkpoint(model, tmp_path / "m.pt")
+    tuned, hist = train(images, labels, MAPPING, config=FAST, init=path, seed=5)
+    assert tuned.classes == CLASSES and hist and tuned.meta["training"]["init"] == str(path)
+    assert tuned.net.config == model.net.config
+    mapping3 = {0: "background", 10: "area A", 20: "area C", 255: None}
+    with pytest.raises(InputError, match=r"m\.pt.*trained for classes.*new_classes"):
+        train(images, labels, mapping3, config=FAST, init=path)
+    new, _ = train(images, labels, mapping3, config=FAST, init=path, new_classes=True)
+    assert new.classes == ["background", "area A", "area C"]
+    with pytest.raises(InputError, match="input channels"):
+        train([np.stack([i, i]) for i in images], labels, MAPPING, config=FAST, init=path)
+
+
+def test_segmentation_model_with_context_through_predict_file(tmp_path, trained):
+    images, _, model, _ = trained
+    assert model.needs_origins and model.overview_size == FAST.context_size
+    tif = tmp_path / "sec.tif"
+    tifffile.imwrite(tif, images[2], tile=(16, 16), compression="zlib")
+    out = predict_file(tif, tmp_path / "out", model, window=model.window())
+    labels, probs, attrs = open_prediction(out)
+    assert attrs["classes"] == CLASSES and probs.shape == (3, 48, 48)
+    expected = predict_array(images[2], model, window=model.window()).argmax(0)
+    np.testing.assert_array_equal(labels[:], expected)
+    fresh = SegmentationModel(UNet(1, 3, depth=2, width=4, context_channels=3, context_size=8), CLASSES,
+                              [0.0], [1.0], patch_size=16)
+    with pytest.raises(InputError, match="sliding-window engine"):
+        fresh(torch.zeros(1, 1, 16, 16))
+
+
+def test_training_settings_are_checked():
+    with pytest.raises(InputError, match="patch_size"):
+        TrainingConfig(patch_size=30, depth=3)
+    with pytest.raises(InputError, match="val_fraction"):
+        TrainingConfig(val_fraction=1.0)
+    images, labels = toy_brain(3)
+    with pytest.raises(InputError, match="validation"):
+        train(images, labels, MAPPING, config=FAST, validation=[0, 1, 2])
+
+
+@pytest.mark.slow
+def test_smoke_on_synthetic_histology():
+    histology = pytest.importorskip("atlasbuilder.synthetic.histology")
+    tissue, area, keys = histology.ribbon_phantom(0.4)
+    profiles = histology.profiles_for([*keys.values(), "cortex"])
+    images = [histology.render_section(tissue, area, profiles, keys, 0.4, rng=s) for s in range(3)]
+    labels = [np.where(tissue == 2, np.where(area > 0, area + 1, 1), np.where(tissue == 0, 0, 1))
+              for _ in images]
+    mapping = {0: "background", 1: "other tissue"} | {k + 1: v for k, v in keys.items()}
+    cfg = TrainingConfig(patch_size=64, batch_size=8, max_iterations=60, eval_every=30, width=8, depth=3)
+    model, _history = train(images[:2], labels[:2], mapping, config=cfg, validation=[1], seed=0)
+    out = predict_array(images[2], model, window=model.window()).argmax(0)
+    d = dice_scores(out, labels[2], len(model.classes))
+    assert d[0] > 0.8, d  # background is easy
+
+
+def test_pretraining_then_fine_tuning(tmp_path):
+    from atlasbuilder.segmentation.pretraining import PretrainingConfig, pretrain
+
+    images, labels = toy_brain(4)
+    cfg = PretrainingConfig(patch_size=16, batch_size=4, max_iterations=6, width=4, depth=2, context_size=8)
+    model, history = pretrain(images, config=cfg, seed=0)
+    assert history and np.isfinite(history[-1]["loss"]) and model.meta["kind"] == "pretrained"
+    path = save_checkpoint(model, tmp_path / "pre.pt")
+    with pytest.raises(InputError, match="pretrained"):
+        load_checkpoint(path)
+    tuned, _ = train(images, labels, MAPPING, config=FAST, init=path, seed=0)
+    assert tuned.classes == CLASSES and tuned.meta["kind"] == "segmentation"
+    pre = torch.load(path, weights_only=True)["state_dict"]
+    assert pre["down.0.0.weight"].shape == tuned.net.state_dict()["down.0.0.weight"].shape
+    with pytest.raises(InputError, match="mask_fraction"):
+        PretrainingConfig(mask_fraction=0)
