@@ -273,6 +273,13 @@ def generate_cohort(out_dir: str | Path, settings: CohortSettings | None = None,
     s = settings or CohortSettings()
     if s.subjects < 1:
         raise InputError(f"subjects must be >= 1, got {s.subjects}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        from ..errors import OutputExistsError
+
+        # say so before the minutes of work, not after (atomic_directory checks again at the end)
+        raise OutputExistsError(f"output {out_dir} already exists and is not empty "
+                                "(use --force to replace it)")
     t0 = time.perf_counter()
     pop = demo_population(s, Path(cache_dir) if cache_dir else None, progress)
     if pop.space != TARGET_SPACE:
