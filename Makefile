@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@# the web viewer's NiiVue bundle comes from npm (never committed); chromium runs its tests
+	scripts/fetch_viewer_assets.sh || echo "warning: NiiVue not fetched: 'atlasbuilder view' and its test are unavailable"
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+		(apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) \
+		|| echo "warning: chromium not installed: the browser tests will be skipped"; }
 	touch $(STAMP)
 
 setup: $(STAMP)

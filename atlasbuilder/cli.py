@@ -38,6 +38,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("-v", "--verbose", action="store_true", help="debug messages")
 
 
+# the build's stages (kept in sync with pipeline.STAGES by a test; not imported: --help stays light)
+_STAGE_NAMES = ("synthesize", "segmentation", "reconstruction", "registration", "aggregation",
+                "exports")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="atlasbuilder",
@@ -54,7 +59,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="atlas directory (default: ./<atlas name>)")
     p.add_argument("--quick", action="store_true",
                    help="small cohort and fast settings (the demo in minutes)")
-    p.add_argument("--force", action="store_true", help="rebuild into an existing directory")
+    p.add_argument("--force", nargs="?", const=True, default=False, metavar="STAGE",
+                   choices=[True, *_STAGE_NAMES],
+                   help="recompute everything (and write into a non-empty directory), or only "
+                        f"STAGE ({', '.join(_STAGE_NAMES)})")
+    p.add_argument("--until", choices=_STAGE_NAMES, default=None, metavar="STAGE",
+                   help="stop after STAGE")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local worker processes (default: the machine's cores, at most 4; "
+                        "1 runs without Dask)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run on an existing dask.distributed scheduler, e.g. tcp://host:8786")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "segment", help="map the areas in every section of a manifest's brains (CNN)",
+        description="Train on each brain's annotated sections and predict every section into "
+                    "DIR/<subject>/ (section label and probability maps, segmentation.json). "
+                    "Already predicted sections are skipped on a rerun.")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="output directory (default: ./<atlas name>-segmentation)")
+    p.add_argument("--subject", action="append", default=None, metavar="ID",
+                   help="only this brain (repeat for several; default: all)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--quick", action="store_true", help="the quick settings (and demo cohort)")
     _add_common(p)
 
     p = sub.add_parser(
@@ -109,7 +138,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", help="space of the coordinates (default: the atlas's first)")
     p.add_argument("--min-probability", type=_probability, default=0.05,
                    help="leave out regions below this probability (default 0.05)")
+    p.add_argument("--sigma", type=float, default=None, metavar="MM",
+                   help="positional uncertainty: Gaussian sigma in mm (0 < sigma <= 50); each "
+                        "area also gets the fraction of the point's mass inside it")
+    p.add_argument("--level", default=None,
+                   help="answer at a hierarchy level (area, group, lobe, ...): parents sum "
+                        "their areas")
+    p.add_argument("--to", action="append", default=None, metavar="SPACE",
+                   help="map the points into SPACE through the build's transforms (repeatable); "
+                        "BigBrain adds the reference brain's section and pixel")
     p.add_argument("--json", action="store_true", help="one JSON object per point")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "stats", help="variability statistics: volumes, asymmetry, Dice, cross-validation",
+        description="The tables the build wrote to DIR/stats/ (per brain and area volumes and "
+                    "centroids, per area summaries, asymmetry, inter-brain Dice, leave-one-out).")
+    p.add_argument("atlas", type=Path, help="atlas directory")
+    p.add_argument("--region", default=None, help="only this region (a parent selects its areas)")
+    p.add_argument("--json", action="store_true", help="the tables as one JSON object")
     _add_common(p)
 
     p = sub.add_parser("regions", help="list or search the atlas's region hierarchy")
@@ -122,6 +169,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("spaces", help="list the known reference spaces and their templates")
     _add_common(p)
+    p = sub.add_parser("export", help="write files other tools open: NIfTI bundle or siibra configuration",
+                       description="Write the NIfTI bundle (DIR/maps/<space>/...) or a siibra "
+                                   "configuration with absolute paths (DIR/siibra/) of an atlas.")
+    p.add_argument("kind", choices=("nifti", "siibra"))
+    p.add_argument("atlas", type=Path, metavar="DIR", help="atlas directory")
+    p.add_argument("--to", type=Path, default=None, metavar="PATH",
+                   help="output folder (default: DIR/maps or DIR/siibra)")
+    _add_common(p)
+
+    p = sub.add_parser("report", help="write the atlas's self-contained HTML report",
+                       description="Write DIR/report.html: maps over the template, hierarchy with "
+                                   "volumes, variability and QA figures, provenance.")
+    p.add_argument("atlas", type=Path, metavar="DIR", help="atlas directory")
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="report file (default: DIR/report.html)")
+    _add_common(p)
+
+    p = sub.add_parser("view", help="serve the atlas's web viewer on 127.0.0.1",
+                       description="Serve a NiiVue page (template, MPM, probability maps, region "
+                                   "picker, click to query) on http://127.0.0.1:PORT/ until Ctrl+C.")
+    p.add_argument("atlas", type=Path, metavar="DIR", help="atlas directory")
+    p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0 = any free one)")
+    p.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    _add_common(p)
+
     return parser
 
 
@@ -146,8 +218,9 @@ def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(level)
     log.handlers[:] = [handler]
-    log.setLevel(level)
+    log.setLevel(min(level, logging.INFO))  # INFO still reaches the build's log file
     log.propagate = False
 
 
@@ -176,9 +249,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _cmd_build(args: argparse.Namespace) -> int:
     from .pipeline import build
 
-    out = build(args.manifest, args.output, quick=args.quick, force=args.force,
-                progress=not args.quiet)
+    out = build(args.manifest, args.output, quick=args.quick, force=args.force, until=args.until,
+                workers=args.workers, scheduler=args.scheduler, progress=not args.quiet)
     log.info("atlas written to %s", out)
+    return 0
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from .segmentation.stage import segment
+
+    out = segment(args.manifest, args.output, subjects=args.subject, device=args.device,
+                  quick=args.quick, progress=not args.quiet)
+    log.info("section maps written to %s", out)
     return 0
 
 
@@ -278,10 +360,18 @@ def _cmd_query(args: argparse.Namespace) -> int:
     points = _read_points(args.points) if args.points is not None else [args.coords]
     atlas = load_atlas(args.atlas)
     out = sys.stdout
-    if args.json:
-        out.write(atlas.query_json_lines(points, args.space, min_probability=args.min_probability))
+    if args.to:
+        from .atlas import format_located
+
+        located = atlas.locate(points, args.space, to=args.to)
+        out.write("".join(json.dumps(a) + "\n" for a in located) if args.json
+                  else format_located(located))
         return 0
-    answers = atlas.query(points, args.space, min_probability=args.min_probability)
+    opts = {"min_probability": args.min_probability, "level": args.level, "sigma_mm": args.sigma}
+    if args.json:
+        out.write(atlas.query_json_lines(points, args.space, **opts))
+        return 0
+    answers = atlas.query(points, args.space, **opts)
     lines = []
     for a in answers:
         x, y, z = a["point"]
@@ -291,8 +381,49 @@ def _cmd_query(args: argparse.Namespace) -> int:
         elif not a["regions"]:
             lines.append(f"  no region with probability >= {args.min_probability:g}")
         for r in a["regions"]:
-            lines.append(f"  {r['probability']:5.2f}  {r['name']}  [{r['key']}]")
+            mass = f"  (mass inside {r['mass_inside']:.2f})" if "mass_inside" in r else ""
+            lines.append(f"  {r['probability']:5.2f}  {r['name']}  [{r['key']}]{mass}")
     out.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    if args.kind == "nifti":
+        from .export.nifti import export_nifti
+
+        out = export_nifti(args.atlas, args.to)
+    else:
+        from .export.siibra import write_siibra_configuration
+
+        out = write_siibra_configuration(args.atlas, args.to)
+    log.info("%s export written to %s", args.kind, out)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    out = write_report(args.atlas, args.output)
+    log.info("report written to %s", out)
+    return 0
+
+
+def _cmd_view(args: argparse.Namespace) -> int:
+    from .export.viewer import serve_viewer
+
+    serve_viewer(args.atlas, args.port, not args.no_browser)
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from .atlas import format_statistics, load_atlas
+
+    tables = load_atlas(args.atlas).statistics(args.region)
+    if args.json:
+        doc = {k: json.loads(v.to_json(orient="records")) for k, v in tables.items()}
+        sys.stdout.write(json.dumps(doc) + "\n")
+    else:
+        sys.stdout.write(format_statistics(tables))
     return 0
 
 
@@ -350,10 +481,15 @@ def _cmd_spaces(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "build": _cmd_build,
+    "segment": _cmd_segment,
     "synth": _cmd_synth,
     "validate": _cmd_validate,
     "import": _cmd_import,
     "query": _cmd_query,
+    "stats": _cmd_stats,
+    "export": _cmd_export,
+    "report": _cmd_report,
+    "view": _cmd_view,
     "regions": _cmd_regions,
     "spaces": _cmd_spaces,
 }

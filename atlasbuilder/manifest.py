@@ -218,12 +218,31 @@ class TransformFiles(_Model):
     inverse: Annotated[list[PathText], BeforeValidator(_as_list)] = Field(default_factory=list)
 
 
+class ReferenceSections(_Model):
+    """The histological sections of a reference brain (``spaces.sections.<space>``).
+
+    For BigBrain: its section images and the blockface/reference volume that places them in the
+    space, so that a point can be followed down to a section and a pixel (``Atlas.locate``).
+    Slice ``k`` of ``reference`` is the block face of section number ``1 + k * spacing``.
+    """
+
+    files: FileList
+    number_pattern: NumberPattern = DEFAULT_NUMBER_PATTERN
+    plane: Literal["coronal", "sagittal", "axial"] = "coronal"
+    thickness_um: PositiveFloat
+    pixel_size_um: PositiveFloat
+    spacing: Annotated[int, Field(ge=1)] = 1
+    missing: Annotated[list[int], AfterValidator(_unique)] = Field(default_factory=list)
+    reference: PathText
+
+
 class Spaces(_Model):
     """Target reference spaces, their templates and optional precomputed transforms."""
 
     reference: Annotated[list[str], AfterValidator(_unique), Field(min_length=1)]
     templates: dict[str, PathText] = Field(default_factory=dict)
     transforms: dict[str, TransformFiles] = Field(default_factory=dict)
+    sections: dict[str, ReferenceSections] = Field(default_factory=dict)
 
 
 class SyntheticCohort(_Model):
@@ -274,7 +293,7 @@ class Subject(_Model):
 class SegmentationSettings(_Model):
     """CNN training and prediction (``stages.segmentation``)."""
 
-    protocol: Literal["auto", "finetune", "scratch"] = "auto"
+    protocol: Literal["auto", "transfer", "finetune", "scratch"] = "auto"
     tile: Annotated[int, Field(ge=32, le=4096)] = 256
     overlap: Annotated[float, Field(ge=0, lt=1)] = 0.25
     epochs: Annotated[int, Field(ge=0)] = 40
@@ -438,6 +457,30 @@ class Manifest(_Model):
         s = self.subject(subject_id)
         pattern = s.annotations.number_pattern or s.sections.number_pattern
         return self._numbered(subject_id, "annotations", s.annotations.files, pattern)
+
+    def reference_section_files(self, space: str) -> dict[int, Path]:
+        """Section images of a reference space's brain (``spaces.sections``) by section number.
+
+        Raises
+        ------
+        InputError
+            The manifest gives no sections for this space.
+        ManifestError
+            A file is missing, or names give no or duplicate numbers.
+        """
+        series = self.spaces.sections.get(space)
+        if series is None:
+            have = ", ".join(self.spaces.sections) or "none"
+            raise InputError(f"{self._where()}no sections for space {space!r} "
+                             f"(spaces.sections has: {have})")
+        paths, file_problems = _collect_files(self.directory, series.files, check_files=True)
+        numbered, number_problems = _number_files(paths or [], series.number_pattern)
+        where = f"spaces.sections.{space}.files"
+        problems = [f"{where}[{j}]: {msg}" for j, msg in file_problems]
+        problems += [f"{where}: {msg}" for msg in number_problems]
+        if problems:
+            raise ManifestError(self.path, problems)
+        return numbered
 
     def quick(self) -> Manifest:
         """A copy with the quick settings: fewer synthetic brains and faster stages.
@@ -1213,6 +1256,16 @@ class _Checker:
         if isinstance(transforms, dict):
             for key, value in transforms.items():
                 self._transform((*here, "transforms", key), key, value)
+        sections = raw.get("sections")
+        if isinstance(sections, dict):
+            for key, value in sections.items():
+                loc = (*here, "sections", key)
+                space = self._space(loc, key, at_key=True)
+                if space is not None and space.kind != "reference":
+                    self.problem(loc, f"{key!r} is not a reference space", at_key=True)
+                ref = value.get("reference") if isinstance(value, dict) else None
+                if isinstance(ref, str) and self.check_files and not _resolve(self.base, ref).is_file():
+                    self.problem((*loc, "reference"), f"reference file not found: {_resolve(self.base, ref)}")
 
     def _transform(self, loc: tuple[str | int, ...], key: object, raw: object) -> None:
         ends = str(key).split("->")
@@ -1340,6 +1393,7 @@ class _Checker:
             "reference": [space(n) for n in manifest.spaces.reference],
             "templates": {space(k): v for k, v in manifest.spaces.templates.items()},
             "transforms": {space(k): v for k, v in manifest.spaces.transforms.items()},
+            "sections": {space(k): v for k, v in manifest.spaces.sections.items()},
         })
         subjects = [
             s.model_copy(update={"annotations": s.annotations.model_copy(update={

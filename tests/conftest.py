@@ -57,3 +57,15 @@ def make_small_atlas_files(directory: Path, *, percent: bool = True,
     labels = directory / "labels.csv"
     labels.write_text("index,name\n0,Area A left\n1,Area B left\n2,Area C right\n")
     return pm, labels
+
+
+@pytest.fixture(scope="session")
+def quick_demo_atlas(tmp_path_factory) -> Path:
+    """The README's quick demo atlas (``build(DEMO, ..., quick=True)``: 3 brains + the reference
+    brain, every stage), built once per session and shared by the pipeline tests and the
+    notebooks. Tests must not change it (a rerun of the same build is fine: it is all cache)."""
+    from atlasbuilder.pipeline import build
+
+    demo = Path(__file__).resolve().parent.parent / "data_manifests" / "demo.yaml"
+    out = tmp_path_factory.mktemp("demo") / "demo-atlas"
+    return build(demo, out, quick=True, progress=False, workers=2)

@@ -108,8 +108,18 @@ def test_lazy_maps_and_single_region_map(juelich_atlas, juelich_files):
     data = np.asanyarray(nib.load(str(juelich_files[0])).dataobj)[..., 80][::-1] / 100
     np.testing.assert_allclose(v1.values, data, atol=1e-7)
     assert v1.attrs["space"] == "MNI152NLin6Asym"
-    with pytest.raises(UnknownRegionError, match="no map of its own"):
-        atlas.probability_map("visual_cortex")
+    # a parent merges its leaves: sum of their probabilities, clipped to 1
+    vis = atlas.probability_map("visual_cortex")
+    leaves = [atlas.regions.get(k).id for k in ("hOc1_left", "hOc1_right", "hOc2_left")]
+    cols = [list(atlas.space_maps().region_ids).index(i) for i in leaves]
+    raw = np.asanyarray(nib.load(str(juelich_files[0])).dataobj)[::-1]
+    vis_leaves = [r.id for r in atlas.regions.leaves("visual_cortex")]
+    vis_cols = [c for c, i in enumerate(atlas.space_maps().region_ids) if i in vis_leaves]
+    want = np.minimum(sum(raw[..., c].astype(np.float32) / 100 for c in vis_cols), 1)
+    np.testing.assert_allclose(vis.values, want, atol=1e-6)
+    assert len(vis_cols) > len(cols) and vis.values.max() == np.float32(1)
+    with pytest.raises(UnknownRegionError, match="no region matches"):
+        atlas.probability_map("visul cortx")
 
 
 # -- small synthetic atlases: encodings, label tables, bad input -------------------------------
@@ -306,3 +316,59 @@ def test_many_points_chunked_lookup_equals_dense(tmp_path):
     want = pm[:, idx[:, 0], idx[:, 1], idx[:, 2]].T / 100
     np.testing.assert_array_equal(got.values[inside], want[inside])
     assert np.isnan(got.values[~inside]).all() and 0 < inside.sum() < len(pts)
+
+
+# -- levels, sigma and the flat batch form on the Juelich atlas ----------------------------------
+def test_juelich_every_nonzero_area_levels_and_sigma(juelich_atlas, juelich_files):
+    atlas = load_atlas(juelich_atlas)
+    img = nib.load(str(juelich_files[0]))
+    raw = np.asanyarray(img.dataobj)
+    pts = juelich_test_points(juelich_files[0], n_random=500, seed=2)
+    ref, inside = reference_lookup(juelich_files[0], pts)
+    # regions_at: exactly the non-zero entries, sorted by probability (ties in map order)
+    got = atlas.regions_at(pts)
+    ids = np.array(atlas.space_maps().region_ids)
+    for n in range(len(pts)):
+        if not inside[n]:
+            assert got.at(n) == [] and not got.inside[n]
+            continue
+        nz = np.flatnonzero(ref[n])
+        order = sorted(nz, key=lambda c: (-ref[n, c], c))
+        assert got.at(n) == [(int(ids[c]), float(ref[n, c])) for c in order]
+    # levels: a parent's probability is the clipped sum of its leaves
+    lv = atlas.probabilities_at(pts, level="area")
+    for k in ("hOc1", "hOc2", "BA44"):
+        if k not in atlas.regions:
+            continue
+        cols = [list(ids).index(r.id) for r in atlas.regions.leaves(k) if r.id in ids]
+        want = np.minimum(ref[:, cols].sum(axis=1), 1)
+        j = list(lv.key.values).index(atlas.regions.get(k).key)
+        np.testing.assert_allclose(lv.values[inside, j], want[inside], atol=1e-12)
+    lobe = atlas.probabilities_at(pts, level="lobe")
+    assert np.nanmax(lobe.values) <= 1 and set(lobe.key.values) >= {"occipital_lobe"}
+    [q] = atlas.query([-10, -90, 0], level="group")
+    assert q["regions"][0]["key"] == "visual_cortex" and q["level"] == "group"
+    # sigma: against a plain Gaussian over the dense file (voxel-centre weights, 3-sigma sphere)
+    inv = np.linalg.inv(img.affine)
+    for p in ([-10.3, -90.2, 0.1], [40.3, -20.2, 50.1]):  # off-grid: no voxel exactly at 3 sigma
+        p = np.array(p)
+        c = nib.affines.apply_affine(inv, p)
+        ax = [np.arange(int(np.floor(c[i])) - 8, int(np.floor(c[i])) + 10) for i in range(3)]
+        ijk = np.stack(np.meshgrid(*ax, indexing="ij"), -1).reshape(-1, 3)
+        d2 = ((nib.affines.apply_affine(img.affine, ijk) - p) ** 2).sum(1)
+        w = np.where(d2 <= 81, np.exp(-d2 / 18), 0)
+        w /= w.sum()
+        want = w @ (raw[tuple(ijk.T)] / 100.0)
+        ds = atlas.gaussian_at(p, 3.0)
+        np.testing.assert_allclose(ds["probability"].values[0], want, atol=1e-12)
+        assert float(ds.volume_fraction[0]) == pytest.approx(1.0)
+        mpm = atlas.mpm().values
+        own = nib.affines.apply_affine(np.linalg.inv(atlas.space_maps().grid.affine),
+                                       nib.affines.apply_affine(img.affine, ijk)).round().astype(int)
+        lab = mpm[tuple(own.T)]
+        mass = np.array([w[lab == i].sum() for i in ids])
+        np.testing.assert_allclose(ds["mass_inside"].values[0], mass, atol=1e-12)
+    [a] = atlas.query([-10, -90, 0], sigma_mm=3)
+    assert a["sigma_mm"] == 3 and all("mass_inside" in r for r in a["regions"])
+    lines = atlas.query_json_lines([[-10, -90, 0]], sigma_mm=3, level="area").splitlines()
+    assert json.loads(lines[0])["level"] == "area"

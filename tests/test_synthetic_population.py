@@ -254,7 +254,7 @@ def test_registered_maps_land_where_they_belong(population, cache_dir):
 
 def test_second_call_reads_the_cache(population, cache_dir, monkeypatch):
     files = sorted(p for p in cache_dir.rglob("*") if p.is_file())
-    assert any(p.name == "registration.json" for p in files) and any(p.suffix == ".npz" for p in files)
+    assert any(p.name == "transform.json" for p in files) and any(p.suffix == ".npz" for p in files)
     mtimes = [p.stat().st_mtime_ns for p in files]
 
     def no_ants(*args, **kwargs):

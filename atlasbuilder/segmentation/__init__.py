@@ -7,6 +7,8 @@
 - :mod:`.data` — checked annotated sections, class-balanced patches, augmentation.
 - :mod:`.training` — training with early stopping, checkpoints, fine-tuning.
 - :mod:`.pretraining` — self-supervised pretraining (masked inpainting) on unannotated sections.
+- :mod:`.stage` — the pipeline entry points: cohort model, per-brain training and prediction,
+  readers of the stage's output (:func:`load_section_labels`, :func:`load_section_probabilities`).
 
 Nothing is imported eagerly: ``import atlasbuilder.segmentation`` does not import torch.
 """
@@ -32,6 +34,13 @@ _LAZY = {
     "load_checkpoint": "training",
     "pretrain": "pretraining",
     "PretrainingConfig": "pretraining",
+    "StageSettings": "stage",
+    "train_cohort_model": "stage",
+    "segment_subject": "stage",
+    "segment": "stage",
+    "load_section_labels": "stage",
+    "load_section_probabilities": "stage",
+    "settings_from_manifest": "stage",
 }
 
 __all__ = sorted(_LAZY)

@@ -101,6 +101,11 @@ class UNet(nn.Module):
         Edge of the (square) context overview in pixels.
     context_features
         Numbers the context is encoded into.
+    input_pool
+        Average the input over ``input_pool`` x ``input_pool`` blocks first and upsample the logits
+        back (bilinear): the network works at a coarser resolution, ``input_pool**2`` times cheaper,
+        while its inputs and outputs keep the section's pixels. Area boundaries are smooth at the
+        scale of a few pixels, so 2 costs little accuracy on 0.2 mm sections.
 
     Raises
     ------
@@ -110,13 +115,13 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 2, *, depth: int = 4, width: int = 16,
                  norm: str = "batch", dropout: float = 0.0, context_channels: int = 0,
-                 context_size: int = 64, context_features: int = 32) -> None:
+                 context_size: int = 64, context_features: int = 32, input_pool: int = 1) -> None:
         super().__init__()
         if norm not in NORMS:
             raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
         for name, value, low in (("in_channels", in_channels, 1), ("num_classes", num_classes, 1),
                                  ("depth", depth, 1), ("width", width, 1),
-                                 ("context_channels", context_channels, 0)):
+                                 ("context_channels", context_channels, 0), ("input_pool", input_pool, 1)):
             if int(value) < low:
                 raise InputError(f"{name} must be at least {low}, got {value!r}")
         if not 0 <= dropout < 1:
@@ -125,6 +130,7 @@ class UNet(nn.Module):
             "in_channels": in_channels, "num_classes": num_classes, "depth": depth, "width": width,
             "norm": norm, "dropout": dropout, "context_channels": context_channels,
             "context_size": context_size, "context_features": context_features,
+            "input_pool": int(input_pool),
         }
         chans = [width * 2**i for i in range(depth)]
         self.down = nn.ModuleList()
@@ -143,7 +149,8 @@ class UNet(nn.Module):
             self.reduce.append(nn.Conv2d(c_lo, c_hi, 1))
             self.up.append(_ConvBlock(2 * c_hi, c_hi, norm, dropout))
         self.head = nn.Conv2d(chans[0], num_classes, 1)
-        self.multiple = 2 ** (depth - 1)
+        self.pool = int(input_pool)
+        self.multiple = 2 ** (depth - 1) * self.pool
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for ``x``; ``context`` ``(B, context_channels, s, s)`` if the branch exists."""
@@ -153,6 +160,8 @@ class UNet(nn.Module):
         if ph or pw:
             mode = "reflect" if ph < h and pw < w else "replicate"
             x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        if self.pool > 1:
+            x = F.avg_pool2d(x, self.pool)
         skips = []
         for i, block in enumerate(self.down):
             if i:
@@ -168,4 +177,6 @@ class UNet(nn.Module):
             x = F.interpolate(reduce(x), size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = block(torch.cat([x, skip], 1))
         out = self.head(x)
+        if self.pool > 1:
+            out = F.interpolate(out, scale_factor=self.pool, mode="bilinear", align_corners=False)
         return out[..., :h, :w] if (ph or pw) else out

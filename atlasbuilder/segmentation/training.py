@@ -96,6 +96,9 @@ class TrainingConfig:
     context, context_size
         Add the context branch (a ``context_size`` px overview of the whole section with the window
         marked).
+    input_pool
+        The network works on ``input_pool`` x ``input_pool`` block averages (see
+        :class:`~.networks.UNet`); ``patch_size`` must be a multiple of ``input_pool * 2**(depth - 1)``.
     overlap
         Window overlap when validating (and recommended for prediction).
     augmentation
@@ -119,6 +122,7 @@ class TrainingConfig:
     dropout: float = 0.0
     context: bool = True
     context_size: int = 64
+    input_pool: int = 1
     overlap: float = 0.25
     augmentation: Augmentation = field(default_factory=Augmentation)
 
@@ -127,9 +131,12 @@ class TrainingConfig:
                      "depth", "context_size"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)!r}")
-        if self.patch_size % 2 ** (self.depth - 1):
-            raise InputError(f"patch_size ({self.patch_size}) must be a multiple of 2**(depth - 1) = "
-                             f"{2 ** (self.depth - 1)}")
+        if int(self.input_pool) < 1:
+            raise InputError(f"input_pool must be at least 1, got {self.input_pool!r}")
+        m = 2 ** (self.depth - 1) * int(self.input_pool)
+        if self.patch_size % m:
+            raise InputError(f"patch_size ({self.patch_size}) must be a multiple of "
+                             f"input_pool * 2**(depth - 1) = {m}")
         if not 0 <= self.val_fraction < 1:
             raise InputError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if self.learning_rate <= 0:
@@ -475,7 +482,7 @@ def _initial_model(init: str | os.PathLike[str] | SegmentationModel | None, new_
     if init is None:
         net = UNet(channels, len(classes), depth=cfg.depth, width=cfg.width, norm=cfg.norm,
                    dropout=cfg.dropout, context_channels=channels + 2 if cfg.context else 0,
-                   context_size=cfg.context_size)
+                   context_size=cfg.context_size, input_pool=cfg.input_pool)
         return SegmentationModel(net, classes, mean, std, patch_size=cfg.patch_size, overlap=cfg.overlap)
     if isinstance(init, SegmentationModel):
         meta, state, where = init.metadata(), init.net.state_dict(), Path("<model>")

@@ -6,8 +6,10 @@
                                   reads it exactly as it reads real data
     sections/<id>/<id>_s<NNNN>.tif    cell-body-stained sections (uint8, pixel size in the tags)
     annotations/<id>/<id>_s<NNNN>.png expert label images of a few sections per brain
+    blockface/<id>.nii.gz         each brain's blockface volume (its own space; ``reference:``)
     reference/                    the reference brain that defines the demo's BigBrain space:
         bigbrain_template.nii.gz  its 1 mm anatomy (the BigBrain template of the demo)
+        blockface.nii.gz          its blockface volume (frames its sections in BigBrain space)
         sections/...              its finer sections (the microscopic scale)
     truth/                        kept apart: never read by the build (see truth/README.md)
     contact_sheet.png             (optional) a few sections with annotation contours
@@ -38,7 +40,7 @@ log = logging.getLogger("atlasbuilder")
 
 __all__ = ["COHORT_FORMAT", "CohortSettings", "generate_cohort"]
 
-COHORT_FORMAT = 1
+COHORT_FORMAT = 2
 TARGET = "MNI152NLin2009cAsym"
 BIGBRAIN = "BigBrain"
 
@@ -61,6 +63,8 @@ class CohortSettings:
     missing_fraction: float = 0.04
     torn_fraction: float = 0.04
     cortex_thickening_mm: int = 2
+    blockface_pixel_size_mm: float = 0.5
+    section_truth: bool = True
     workers: int = 2
 
     def quick(self) -> CohortSettings:
@@ -181,15 +185,20 @@ def _make_brain(job: dict[str, Any]) -> dict[str, Any]:
         # the annotation is the smoothed labels the image was rendered from, moved with the image;
         # only annotated sections need it (smoothing costs as much as rendering)
         # (the tissue goes along too: a tear is placed through tissue)
+        # (the true labels of every section are kept in truth/ to score a segmentation with)
         moved: list[np.ndarray] = [t2]
-        if k in annotated:
+        if k in annotated or job["section_truth"]:
             moved.append(H.smooth_labels(t2, a2, px, label_voxel_mm=1.0)[1].astype(np.uint16))
         img, moved_out, tf = H.apply_artefacts(img, moved, px, srng,
                                                 position=k / max(1, len(ys) - 1), tear=bool(torn[k]))
         write_tiff(sec_dir / f"{name}.tif", img, px, section=number, subject=sid)
-        if k in annotated:
+        if len(moved_out) > 1:
             ann = moved_out[1]
-            write_png(ann_dir / f"{name}.png", ann.astype(np.uint16 if ann.max() > 255 else np.uint8), px)
+            ann = ann.astype(np.uint16 if ann.max() > 255 else np.uint8)
+            if k in annotated:
+                write_png(ann_dir / f"{name}.png", ann, px)
+            if job["section_truth"]:
+                write_png(out / "truth" / "subjects" / sid / "sections" / f"{name}.png", ann, px)
         rec.update({"rotation_deg": tf.rotation_deg, "shift_px": list(tf.shift_px),
                     "distortion_spacing_px": tf.spacing_px, "stain_gain": tf.stain_gain,
                     "annotated": k in annotated})
@@ -215,6 +224,9 @@ def _make_brain(job: dict[str, Any]) -> dict[str, Any]:
                       "y = y_mm; the stored image shows the clean section moved by the section's "
                       "rigid misplacement and B-spline distortion (distortions/<name>.npy)",
     }, indent=1))
+    bf_path = out / job["blockface_out"]
+    _save_nifti(_blockface(ind.anatomy, tissue, affine, ys[0], spacing, settings.blockface_pixel_size_mm),
+                bf_path)
     anatomy_path = None
     if job.get("anatomy_out"):
         anatomy_path = out / job["anatomy_out"]
@@ -224,6 +236,38 @@ def _make_brain(job: dict[str, Any]) -> dict[str, Any]:
             zip(numbers, missing, strict=True) if m],
             "annotated": [numbers[k] for k in annotated], "regions": ind.regions,
             "n_sections": int((~missing).sum()), "shape": list(geom.shape)}
+
+
+def _blockface(anatomy: Any, tissue: np.ndarray, affine: np.ndarray, y_first: float, spacing_mm: float,
+               px: float) -> Any:
+    """The brain's blockface volume: one photograph of the block face per imaged section position.
+
+    Slice ``k`` lies at ``y_first + k * spacing_mm`` (the plane of section number
+    ``1 + k * spacing``) and covers the whole brain, so it continues anterior of the sectioned slab.
+    The photographs are undistorted and in register (a fixed camera): the 3-D reference that
+    sections are aligned to and that defines the brain's own space. Contrast is MRI-like (the
+    individual's anatomy), with white matter bright.
+    """
+    import nibabel as nib
+
+    img = np.asarray(next(iter(anatomy.data_vars.values())).values, dtype=np.float32)
+    brain = np.argwhere(tissue > 0)
+    lo = affine[:3, 3] + np.diag(affine)[:3] * brain.min(axis=0) - 4
+    hi = affine[:3, 3] + np.diag(affine)[:3] * brain.max(axis=0) + 4
+    ys = np.arange(y_first, hi[1], spacing_mm)
+    geom = SectionGeometry(x0=float(lo[0]), z0=float(hi[2]), pixel_size_mm=px,
+                           shape=(math.ceil((hi[2] - lo[2]) / px) + 1, math.ceil((hi[0] - lo[0]) / px) + 1))
+    planes = [cut_plane(img, affine, geom, float(y), order=1) for y in ys]
+    vol = np.stack(planes, axis=0)  # (y, row, col) with rows going down in z
+    vol = np.transpose(vol[:, ::-1, :], (2, 0, 1))  # -> (x, y, z) with z increasing
+    scale = 254.0 / max(float(np.percentile(vol[vol > 0], 99.5)), 1e-6) if (vol > 0).any() else 1.0
+    data = np.clip(np.rint(vol * scale), 0, 255).astype(np.uint8)
+    z_lo = geom.z0 - (geom.shape[0] - 1) * px
+    aff = np.diag([px, spacing_mm, px, 1.0])
+    aff[:3, 3] = [geom.x0, ys[0], z_lo]
+    out = nib.Nifti1Image(data, aff)
+    out.header.set_xyzt_units("mm")
+    return out
 
 
 def _affine(ds: Any) -> np.ndarray:
@@ -290,13 +334,15 @@ def generate_cohort(out_dir: str | Path, settings: CohortSettings | None = None,
     with atomic_directory(out_dir, overwrite=force) as tmp:
         jobs = [{"settings": s, "population": pop, "out": tmp, "id": sid, "seed": seed,
                  "pixel_size_mm": s.pixel_size_mm, "spacing_mm": s.section_spacing_mm,
-                 "annotated": s.annotated_sections, "sections_dir": "sections"}
+                 "annotated": s.annotated_sections, "sections_dir": "sections",
+                 "section_truth": s.section_truth, "blockface_out": f"blockface/{sid}.nii.gz"}
                 for sid, seed in zip(ids, seeds[:-1], strict=True)]
         if s.reference_brain:  # first: the largest job starts while the others queue
             jobs.insert(0, {"settings": s, "population": pop, "out": tmp, "id": "BigBrain",
                          "seed": seeds[-1], "pixel_size_mm": s.reference_pixel_size_mm,
                          "spacing_mm": s.reference_spacing_mm, "annotated": 0,
-                         "sections_dir": "reference/sections",
+                         "sections_dir": "reference/sections", "section_truth": False,
+                         "blockface_out": "reference/blockface.nii.gz",
                          "anatomy_out": "reference/bigbrain_template.nii.gz"})
         results = _run(jobs, s.workers, progress)
         brains = [r for r in results if r["id"] != "BigBrain"]
@@ -416,11 +462,17 @@ def _write_manifest(out: Path, s: CohortSettings, brains: list[dict[str, Any]],
                          "spacing": max(1, round(s.section_spacing_mm * 1000 / s.thickness_um)),
                          "missing": b["missing"]},
             "annotations": {"files": f"annotations/{b['id']}/*.png", "labels": labels},
+            "reference": f"blockface/{b['id']}.nii.gz",
             "shrinkage": 1.0,
         })
     spaces: dict[str, Any] = {"reference": [TARGET, BIGBRAIN] if ref else [TARGET]}
     if ref:
         spaces["templates"] = {BIGBRAIN: "reference/bigbrain_template.nii.gz"}
+        spaces["sections"] = {BIGBRAIN: {
+            "files": "reference/sections/BigBrain/*.tif", "plane": "coronal",
+            "thickness_um": s.thickness_um, "pixel_size_um": s.reference_pixel_size_mm * 1000,
+            "spacing": max(1, round(s.reference_spacing_mm * 1000 / s.thickness_um)),
+            "missing": ref["missing"], "reference": "reference/blockface.nii.gz"}}
     manifest = {
         "format_version": 1,
         "atlas": {"name": "demo-visual-atlas", "version": "0.1",
@@ -451,6 +503,12 @@ Generated with seed {s.seed}; never read by `atlasbuilder build`. Use it to scor
 | `subjects/<id>/transform.npz` | the true point maps: `to_target(x) = y + displacement(y)` with `y = affine @ x` (subject mm -> target mm), `to_subject(t) = inv(affine) @ (t + inverse_displacement(t))`; fields (component, x, y, z; float16) in mm on the grid `origin` + `spacing` * index. Images move the other way. |
 | `subjects/<id>/sections.json` | where each section lies: plane `y_mm`, the in-plane frame (`x0_mm`, `z0_mm`, pixel size: clean pixel (row, col) is at x = x0 + col*px, z = z0 - row*px), its rigid misplacement (`rotation_deg` about the image centre, `shift_px` (row, col)), stain gain, missing/torn flags, which sections are annotated |
 | `subjects/<id>/distortions/<section>.npy` | the B-spline control displacements (pixels) of each section's nonlinear distortion |
+| `subjects/<id>/sections/<section>.png` | the true area labels (region ids) of every present section, in the stored (misplaced, distorted) image's pixels: what a perfect segmentation returns |
+
+Each brain's `blockface/<id>.nii.gz` (named by the manifest's `reference`) is in the brain's own
+space, the frame of `labels_subject.nii.gz`: slice k is the undistorted block face photographed
+before cutting section number 1 + k*spacing (y = y of slice 0 + k*spacing*thickness), covering the
+whole brain at {s.blockface_pixel_size_mm} mm in-plane.
 
 The reference brain (`subjects/BigBrain`) defines the demo's BigBrain space: its 1 mm anatomy is
 `reference/bigbrain_template.nii.gz` and its finer sections are under `reference/sections/`.

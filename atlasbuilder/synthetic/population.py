@@ -46,8 +46,9 @@ truth is then *defined* on the target grid: the probability maps there are exact
 construction; how well they match the true NLin6 -> 2009c correspondence is the registration's
 accuracy (brain-mask Dice 0.973 with the default settings).
 
-ANTs objects and LPS coordinates appear only in the ``_ants_*`` private functions (they will move
-to :mod:`atlasbuilder.registration`).
+The template registration itself is :func:`atlasbuilder.registration.register_templates` (which
+keeps it in its cache); ANTs objects appear here only in the ``_ants_*`` private functions that
+warp the coordinate images.
 
 Example
 -------
@@ -78,13 +79,14 @@ import numpy as np
 
 from ..errors import GridMismatchError, InputError, StageError
 from ..spaces import get_space, package_data_path
-from ..storage import atomic_write_bytes, atomic_write_text, sha256_file
+from ..storage import atomic_write_bytes, sha256_file
 from ..volumes import Grid, check_same_grid, from_array, grid_of
 
 if TYPE_CHECKING:
     import xarray as xr
 
     from ..regions import Region, RegionTree
+    from ..registration import RegistrationParameters
 
 __all__ = [
     "BACKGROUND",
@@ -170,6 +172,16 @@ class RegistrationSettings:
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+    def parameters(self) -> RegistrationParameters:
+        """The same recipe as :mod:`atlasbuilder.registration` parameters (rigid, affine, SyN)."""
+        from ..registration import RegistrationParameters
+
+        return RegistrationParameters(
+            stages=("rigid", "affine", "syn"), rigid_iterations=self.rigid_iterations,
+            affine_iterations=self.affine_iterations, syn_iterations=self.syn_iterations,
+            syn_gradient_step=self.syn_gradient_step, syn_update_sigma=self.syn_update_sigma,
+            resolution_mm=self.resolution_mm, initialize="com")
+
 
 #: Named registration settings: ``default`` (about 35-45 s on 2 cores, brain-mask Dice 0.973) and
 #: ``fast`` (4 mm, a few seconds; for tests and quick looks).
@@ -189,75 +201,23 @@ def _registration_settings(registration: str | RegistrationSettings) -> Registra
     return REGISTRATION_PRESETS[registration]
 
 
-def _pyramid(n: int) -> tuple[str, str]:
-    """Shrink factors and smoothing sigmas (voxels) of the first ``n`` of the levels 4, 2, 1."""
-    if not 1 <= n <= 3:
-        raise InputError(f"registration stages take 1 to 3 levels of iterations, got {n}")
-    return "x".join(["4", "2", "1"][:n]), "x".join(["2", "1", "0"][:n]) + "vox"
-
-
-def _ants_registration_args(fixed: str, moving: str, prefix: str, s: RegistrationSettings) -> list[str]:
-    """The antsRegistration command line: rigid + affine (MI, regular sampling) then SyN (MI)."""
-    lin = f"MI[{fixed},{moving},1,32,Regular,0.25]"
-    args = ["--dimensionality", "3", "--float", "1", "--collapse-output-transforms", "1",
-            "--output", prefix, "--interpolation", "Linear", "--use-histogram-matching", "0",
-            "--winsorize-image-intensities", "[0.005,0.995]", "--random-seed", str(s.seed),
-            "--initial-moving-transform", f"[{fixed},{moving},1]"]
-    for kind, its in (("Rigid[0.1]", s.rigid_iterations), ("Affine[0.1]", s.affine_iterations)):
-        shrink, sigma = _pyramid(len(its))
-        args += ["--transform", kind, "--metric", lin,
-                 "--convergence", f"[{'x'.join(map(str, its))},1e-6,10]",
-                 "--shrink-factors", shrink, "--smoothing-sigmas", sigma]
-    shrink, sigma = _pyramid(len(s.syn_iterations))
-    args += ["--transform", f"SyN[{s.syn_gradient_step},{s.syn_update_sigma},0]",
-             "--metric", f"MI[{fixed},{moving},1,32]",
-             "--convergence", f"[{'x'.join(map(str, s.syn_iterations))},1e-6,10]",
-             "--shrink-factors", shrink, "--smoothing-sigmas", sigma, "--verbose", "0"]
-    return args
-
-
 def _ants_worker(job: Mapping[str, Any]) -> None:
-    """Run in a child process (see :func:`_run_ants_child`): register and/or warp images.
-
-    ``job["register"]`` (optional): register ``moving`` to ``fixed`` (both resampled to the
-    settings' resolution), writing ``<out>/reg_0GenericAffine.mat``, ``reg_1Warp.nii.gz``,
-    ``reg_1InverseWarp.nii.gz`` and ``check.json`` (brain-mask Dice of the warped moving
-    template in the fixed template's 1 mm grid). ``job["warp"]`` (optional): warp each of its
-    ``images`` into the ``reference`` grid with the registration's forward transforms (the new
-    ones, or ``transforms`` given), linear interpolation, ``default`` outside, writing
-    ``<out>/warped_<i>.nii``.
+    """Run in a child process (see :func:`_run_ants_child`): warp each of ``job["warp"]["images"]``
+    into the ``reference`` grid with ``job["transforms"]`` (ANTs forward transforms of the template
+    registration), linear interpolation, ``default`` outside, writing ``<out>/warped_<i>.nii``.
     """
     import ants
 
     out = Path(job["out"])
-    transforms = job.get("transforms")
-    if job.get("register"):
-        reg = job["register"]
-        kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in reg["settings"].items()}
-        s = RegistrationSettings(**kw)
-        fixed_full = ants.image_read(reg["fixed"])
-        moving_full = ants.image_read(reg["moving"])
-        res = (float(s.resolution_mm),) * 3
-        fixed_path, moving_path = str(out / "fixed_lowres.nii.gz"), str(out / "moving_lowres.nii.gz")
-        ants.image_write(ants.resample_image(fixed_full, res, False, 0), fixed_path)
-        ants.image_write(ants.resample_image(moving_full, res, False, 0), moving_path)
-        prefix = str(out / "reg_")
-        ants.registration(fixed=_ants_registration_args(fixed_path, moving_path, prefix, s), moving=None)
-        transforms = [prefix + "1Warp.nii.gz", prefix + "0GenericAffine.mat"]
-        warped = ants.apply_transforms(fixed_full, moving_full, transforms, interpolator="linear")
-        f, w = fixed_full.numpy() > 0, warped.numpy() > 0
-        dice = 2.0 * float((f & w).sum()) / float(f.sum() + w.sum())
-        (out / "check.json").write_text(json.dumps({"brain_mask_dice": dice}))
-    if job.get("warp"):
-        spec = job["warp"]
-        ref = ants.image_read(spec["reference"])
-        for i, path in enumerate(spec["images"]):
-            moving = ants.image_read(path)
-            # fwdtransforms [warp, affine]: ANTs maps each reference (fixed) point through the
-            # list last to first into the moving image and samples it there
-            warped = ants.apply_transforms(ref, moving, list(transforms or []), interpolator="linear",
-                                           defaultvalue=float(spec["default"]))
-            ants.image_write(warped, str(out / f"warped_{i:03d}.nii"))
+    spec = job["warp"]
+    ref = ants.image_read(spec["reference"])
+    for i, path in enumerate(spec["images"]):
+        moving = ants.image_read(path)
+        # fwdtransforms [warp, affine]: ANTs maps each reference (fixed) point through the
+        # list into the moving image and samples it there
+        warped = ants.apply_transforms(ref, moving, list(job["transforms"]), interpolator="linear",
+                                       defaultvalue=float(spec["default"]))
+        ants.image_write(warped, str(out / f"warped_{i:03d}.nii"))
 
 
 def _run_ants_child(job: Mapping[str, Any], threads: int, what: str) -> None:
@@ -327,9 +287,6 @@ def _steps(total: int, progress: bool, desc: str) -> Iterator[Any]:
 
     with tqdm(total=total, desc=desc) as bar:
         yield bar
-
-
-_REG_FILES = {"affine": "0GenericAffine.mat", "warp": "1Warp.nii.gz", "inverse_warp": "1InverseWarp.nii.gz"}
 
 
 def juelich_maps_in_target(
@@ -405,7 +362,6 @@ def juelich_maps_in_target(
     reg_key = "identity" if identity else _hash(
         {"v": _REG_CACHE_VERSION, "fixed": fixed_sha, "moving": sha256_file(moving),
          "settings": settings.to_dict()})
-    regdir = cache / "registration" / f"{SOURCE_SPACE}-to-{target.name}-{reg_key}"
     maps_key = _hash({"v": _MAPS_CACHE_VERSION, "registration": reg_key, "fixed": fixed_sha,
                       "maps": sha256_file(maps_path), "leaves": [[r.key, i] for r, i in leaves]})
     npz_path = cache / "maps" / f"{target.name}-{maps_key}.npz"
@@ -427,7 +383,7 @@ def juelich_maps_in_target(
                 bar.update(1)
             else:
                 points, reg_info = _source_points(img.affine, data.shape[:3], fixed, moving, target.name,
-                                                  grid, settings, regdir, reg_key)
+                                                  grid, settings, cache, reg_key)
                 bar.update(1)
             stack = _sample_maps(data, img.affine, [i for _, i in leaves], points, bar)
             _save_cached_maps(npz_path, stack, grid, keys, reg_info)
@@ -441,23 +397,36 @@ def juelich_maps_in_target(
 
 
 def _source_points(src_affine: np.ndarray, src_shape: Sequence[int], fixed: Path, moving: Path,
-                   space: str, grid: Grid, settings: RegistrationSettings, regdir: Path,
+                   space: str, grid: Grid, settings: RegistrationSettings, cache: Path,
                    reg_key: str) -> tuple[np.ndarray, dict[str, Any]]:
     """``(3, *grid.shape)`` float32: the source-space RAS point (mm) of every target voxel (NaN
     where it falls outside the source grid), and the registration's record.
 
-    Registers the templates first unless ``regdir`` holds a complete registration (its
-    ``registration.json`` is written last), and caches a new registration there.
+    The template registration is :func:`atlasbuilder.registration.register_templates`, cached
+    under ``cache/registration`` (a second call starts no registration).
     """
     import nibabel as nib
-
-    from ..volumes import read_nifti
-
-    info_path = regdir / "registration.json"
-    reg_paths = {k: regdir / v for k, v in _REG_FILES.items()}
-    have_reg = info_path.is_file() and all(p.is_file() for p in reg_paths.values())
     from scipy import ndimage
 
+    from ..registration import register_templates
+    from ..volumes import read_nifti
+
+    t0 = time.perf_counter()
+    logger.info("registering %s to %s (%s)", moving.name, fixed.name, settings)
+    tr = register_templates(SOURCE_SPACE, space, None, preset=settings.parameters(),
+                            resolution_mm=settings.resolution_mm, threads=settings.threads,
+                            seed=settings.seed, templates={SOURCE_SPACE: moving, space: fixed},
+                            cache_dir=cache)
+    fixed_vol = read_nifti(fixed, space, name="template", dtype="float32")
+    warped = tr.warp(read_nifti(moving, SOURCE_SPACE, name="template", dtype="float32"), fixed_vol)
+    f, w = fixed_vol["template"].values > 0, warped["template"].values > 0
+    reg_info = {"key": reg_key, "fixed": str(fixed), "moving": str(moving),
+                "settings": settings.to_dict(), "seconds": tr.info.get("timing", {}).get("seconds"),
+                "transform_directory": str(tr.directory),
+                "transforms": {"forward": [Path(p).name for p, _ in tr.forward_files]},
+                "direction": "ANTs fwdtransforms [warp, affine] map target (fixed) points to "
+                             "source (moving) points, i.e. warp source images into the target grid",
+                "brain_mask_dice": 2.0 * float((f & w).sum()) / float(f.sum() + w.sum())}
     ijk = np.indices(tuple(int(n) for n in src_shape), dtype=np.float64)
     ras = np.einsum("ij,j...->i...", src_affine[:3, :3], ijk) + src_affine[:3, 3].reshape(3, 1, 1, 1)
     # ANTs evaluates the mapping on every other target voxel (a grid whose nodes are the even
@@ -475,29 +444,12 @@ def _source_points(src_affine: np.ndarray, src_shape: Sequence[int], fixed: Path
         reference = Path(tmp) / "reference.nii"
         nib.save(nib.Nifti1Image(np.zeros(coarse_shape, np.float32), coarse_affine), str(reference))
         job: dict[str, Any] = {"out": tmp, "warp": {"reference": str(reference), "images": images,
-                                                    "default": _OUTSIDE}}
-        t0 = time.perf_counter()
-        if have_reg:
-            logger.info("registration cache hit: %s", regdir)
-            job["transforms"] = [str(reg_paths["warp"]), str(reg_paths["affine"])]
-            # interpolation alone is reproducible with any number of threads
-            _run_ants_child(job, os.cpu_count() or 1, f"warping coordinates into {space}")
-            reg_info = json.loads(info_path.read_text())
-        else:
-            logger.info("registering %s to %s (%s)", moving.name, fixed.name, settings)
-            job["register"] = {"fixed": str(fixed), "moving": str(moving), "settings": settings.to_dict()}
-            _run_ants_child(job, settings.threads, f"registering {SOURCE_SPACE} to {space}")
-            for k, p in reg_paths.items():
-                atomic_write_bytes(p, (Path(tmp) / f"reg_{_REG_FILES[k]}").read_bytes())
-            reg_info = {"key": reg_key, "fixed": str(fixed), "moving": str(moving),
-                        "settings": settings.to_dict(), "seconds": round(time.perf_counter() - t0, 2),
-                        "transforms": {k: p.name for k, p in reg_paths.items()},
-                        "direction": "ANTs fwdtransforms [warp, affine] map target (fixed) points to "
-                                     "source (moving) points, i.e. warp source images into the target grid",
-                        **json.loads((Path(tmp) / "check.json").read_text())}
-            atomic_write_text(info_path, json.dumps(reg_info, indent=1))  # last: marks completion
-            logger.info("registration and warping took %.1f s, brain-mask Dice %.4f",
-                        reg_info["seconds"], reg_info["brain_mask_dice"])
+                                                    "default": _OUTSIDE},
+                               "transforms": [p for p, _ in tr.forward_files]}
+        # interpolation alone is reproducible with any number of threads
+        _run_ants_child(job, os.cpu_count() or 1, f"warping coordinates into {space}")
+        logger.info("registration and warping took %.1f s, brain-mask Dice %.4f",
+                    time.perf_counter() - t0, reg_info["brain_mask_dice"])
         for c in range(3):
             vol = read_nifti(Path(tmp) / f"warped_{c:03d}.nii", space, name="coordinate", dtype="float32")
             g = grid_of(vol)

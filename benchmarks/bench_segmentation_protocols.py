@@ -1,0 +1,197 @@
+"""Segmentation protocols on the demo cohort, scored against the truth (issue 4).
+
+Protocols (each brain has 2 annotated sections; Dice is measured on all its NON-annotated sections
+against ``truth/subjects/<id>/sections/<name>.png``, mean over the areas present):
+
+- ``scratch``   (a): per brain from scratch on its annotated sections;
+- ``pretrain``  (b): per brain, fine-tuned from a masked-inpainting model pretrained on the brain's
+  unannotated sections (:func:`atlasbuilder.segmentation.pretrain`);
+- ``transfer``  (c): a cohort model trained on the annotated sections of the OTHER brains
+  (leave-one-out), fine-tuned on the brain's own annotations;
+- ``build``        : the build's protocol (``auto``): one cohort model on ALL brains' annotations,
+  fine-tuned per brain (what ``atlasbuilder segment`` does).
+
+Usage::
+
+    nice python benchmarks/bench_segmentation_protocols.py --cohort quick --protocols build
+    nice python benchmarks/bench_segmentation_protocols.py --cohort default --protocols build
+    nice python benchmarks/bench_segmentation_protocols.py --cohort quick \
+        --protocols scratch,pretrain,transfer --brains B01,B02,B03
+
+Prints a per-brain and per-area table and minutes per brain; ``--json`` writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _truth(cohort: Path, sid: str, name: str) -> np.ndarray:
+    import imageio.v3 as iio
+
+    path = cohort / "truth" / "subjects" / sid / "sections" / (Path(name).stem + ".png")
+    return np.asarray(iio.imread(path))
+
+
+def score(cohort: Path, sid: str, out_dir: Path) -> dict[str, dict[str, float]]:
+    """Per-area Dice (pooled over the brain's non-annotated sections) and per-section mean Dice."""
+    from atlasbuilder.segmentation.stage import _read_info, load_section_labels
+
+    info = _read_info(out_dir)
+    keys = {c["region_id"]: c["key"] for c in info["classes"] if c["region_id"]}
+    labels = load_section_labels(out_dir)
+    inter: dict[int, float] = {}
+    total: dict[int, float] = {}
+    per_section = []
+    for rec in info["sections"]:
+        if rec["annotated"]:
+            continue
+        truth = _truth(cohort, sid, rec["file"])
+        pred = labels[rec["number"]]
+        ds = []
+        for r in keys:
+            p, t = pred == r, truth == r
+            i, s = float((p & t).sum()), float(p.sum() + t.sum())
+            inter[r] = inter.get(r, 0.0) + i
+            total[r] = total.get(r, 0.0) + s
+            if t.any():
+                ds.append(2 * i / s)
+        if ds:
+            per_section.append(float(np.mean(ds)))
+    area = {keys[r]: 2 * inter[r] / total[r] for r in keys if total.get(r)}
+    mean = float(np.mean(per_section)) if per_section else float("nan")
+    return {"area": area, "section_mean": {"mean": mean}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cohort", default="quick", choices=["quick", "default"])
+    ap.add_argument("--protocols", default="build")
+    ap.add_argument("--brains", default=None, help="comma-separated subset (default: all)")
+    ap.add_argument("--annotated", type=int, default=2, help="annotated sections used per brain (1 or 2)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared, oversubscribed CPU 2 threads ran ~10x slower)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--work", default=None, help="keep outputs here (default: a temporary directory)")
+    args = ap.parse_args()
+
+    import torch
+
+    from atlasbuilder.manifest import load_manifest
+    from atlasbuilder.segmentation.stage import StageSettings, segment_subject, train_cohort_model
+    from atlasbuilder.synthetic.cohort import CohortSettings, cached_cohort
+
+    torch.set_num_threads(args.threads)
+    cs = CohortSettings()
+    if args.cohort == "quick":
+        cs = cs.quick()
+    mpath, _ = cached_cohort(cs, progress=False)
+    cohort = Path(mpath).parent
+    manifest = load_manifest(mpath)
+    if args.annotated != 2:
+        manifest = _fewer_annotations(manifest, args.annotated)
+    ids = args.brains.split(",") if args.brains else [s.id for s in manifest.subjects]
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-seg-"))
+    st = StageSettings()
+    results: dict[str, dict] = {}
+    for protocol in args.protocols.split(","):
+        t0 = time.perf_counter()
+        res: dict = {"brains": {}, "minutes": {}}
+        base = work / protocol
+        if protocol == "build":
+            tc = time.perf_counter()
+            ck = base / "cohort_model.pt"
+            if not ck.exists():
+                train_cohort_model(manifest, ck, settings=st, progress=False)
+            res["cohort_model_min"] = (time.perf_counter() - tc) / 60
+        for sid in ids:
+            tb = time.perf_counter()
+            out = base / sid
+            if protocol == "build":
+                segment_subject(manifest, sid, out, init_checkpoint=base / "cohort_model.pt", settings=st,
+                                progress=False)
+            elif protocol == "scratch":
+                segment_subject(manifest, sid, out, settings=StageSettings(protocol="scratch"),
+                                progress=False)
+            elif protocol == "transfer":
+                ck = base / f"cohort_without_{sid}.pt"
+                if not ck.exists():
+                    train_cohort_model(manifest, ck, exclude=[sid], settings=st, progress=False)
+                segment_subject(manifest, sid, out, init_checkpoint=ck, settings=st, progress=False)
+            elif protocol == "pretrain":
+                ck = base / f"pretrained_{sid}.pt"
+                if not ck.exists():
+                    _pretrain(manifest, sid, ck, st)
+                segment_subject(manifest, sid, out, init_checkpoint=ck,
+                                settings=StageSettings(protocol="finetune",
+                                                       finetune_iterations=st.scratch_iterations,
+                                                       finetune_lr=st.scratch_lr), progress=False)
+            else:
+                raise SystemExit(f"unknown protocol {protocol}")
+            res["minutes"][sid] = (time.perf_counter() - tb) / 60
+            res["brains"][sid] = score(cohort, sid, out)
+            a = res["brains"][sid]["area"]
+            print(f"{protocol:9s} {sid}: mean Dice over areas {np.mean(list(a.values())):.3f} "
+                  f"({res['minutes'][sid]:.2f} min)", flush=True)
+        res["total_min"] = (time.perf_counter() - t0) / 60
+        results[protocol] = res
+    _table(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def _fewer_annotations(manifest: Any, n: int) -> Any:
+    """A manifest copy whose brains keep only their first ``n`` annotated sections."""
+    subs = []
+    for s in manifest.subjects:
+        files = manifest.annotation_files(s.id)
+        keep = [str(p) for p in list(files.values())[:n]]
+        subs.append(s.model_copy(update={"annotations": s.annotations.model_copy(update={"files": keep})}))
+    return manifest.model_copy(update={"subjects": subs})
+
+
+def _pretrain(manifest: Any, sid: str, path: Path, st: Any) -> None:
+    from atlasbuilder.segmentation.pretraining import PretrainingConfig, pretrain
+    from atlasbuilder.segmentation.stage import _frame_of_array, _read_image, _subject, position_channels
+    from atlasbuilder.segmentation.training import save_checkpoint
+
+    sub = _subject(manifest, sid)
+    imgs = []
+    for n, p in sub.sections.items():
+        if n in sub.annotations:
+            continue
+        img = _read_image(p)
+        imgs.append(np.concatenate([img, position_channels(img.shape[1:], _frame_of_array(img),
+                                                            sub.positions[n])]))
+    cfg = PretrainingConfig(patch_size=st.patch_size, width=st.width, depth=st.depth, context=st.context,
+                            max_iterations=st.scratch_iterations // 2)
+    model, _ = pretrain(imgs, config=cfg, progress=False)
+    save_checkpoint(model, path)
+
+
+def _table(results: dict) -> None:
+    for protocol, res in results.items():
+        brains = res["brains"]
+        areas = sorted({a for b in brains.values() for a in b["area"]})
+        extra = f", cohort model {res['cohort_model_min']:.2f} min" if "cohort_model_min" in res else ""
+        print(f"\n## {protocol}  (total {res['total_min']:.2f} min{extra})")
+        print("| brain | " + " | ".join(areas) + " | mean | min/brain |")
+        print("|---" * (len(areas) + 3) + "|")
+        for sid, b in brains.items():
+            vals = [b["area"].get(a, float("nan")) for a in areas]
+            print(f"| {sid} | " + " | ".join(f"{v:.2f}" for v in vals)
+                  + f" | {np.nanmean(vals):.3f} | {res['minutes'][sid]:.2f} |")
+        mean_area = [np.nanmean([b["area"].get(a, np.nan) for b in brains.values()]) for a in areas]
+        print("| mean | " + " | ".join(f"{v:.2f}" for v in mean_area)
+              + f" | {np.nanmean([np.nanmean(list(b['area'].values())) for b in brains.values()]):.3f} | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Units of work: cache keys, crash safety, and running on Dask (toy units, real scheduler)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from atlasbuilder.errors import InputError
+from atlasbuilder.execution import Executor, Fingerprints, Unit, UnitCache, content_key, run_unit
+
+
+def toy_square(value: int, out_dir: str, log: str) -> dict:
+    """A unit that records every call and writes one output file."""
+    with open(log, "a") as fh:
+        fh.write(f"{value}\n")
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "out.txt").write_text(str(value * value))
+    return {"square": value * value, "pid": os.getpid()}
+
+
+def toy_fail(what: str) -> dict:
+    if what == "input":
+        raise InputError("section 7 of brain B02 is empty")
+    raise ZeroDivisionError("boom")
+
+
+def _unit(tmp: Path, value: int, name: str = "a") -> Unit:
+    out = tmp / "units" / name
+    return Unit("toy", name, "tests.test_execution:toy_square",
+                {"value": value, "out_dir": str(out), "log": str(tmp / "calls.log")},
+                content_key("toy", value), directory=out)
+
+
+def _calls(tmp: Path) -> list[str]:
+    p = tmp / "calls.log"
+    return p.read_text().split() if p.exists() else []
+
+
+def test_content_key_is_stable_and_order_free():
+    assert content_key({"a": 1, "b": [1, 2]}) == content_key({"b": [1, 2], "a": 1})
+    assert content_key({"a": 1}) != content_key({"a": 2})
+
+
+def test_cached_unit_is_not_run_again(tmp_path):
+    cache = UnitCache(tmp_path)
+    ex = Executor(1, progress=False)
+    r1 = ex.run("toy", [_unit(tmp_path, 3)], cache)
+    assert r1[0].result["square"] == 9 and not r1[0].cached
+    r2 = ex.run("toy", [_unit(tmp_path, 3)], cache)
+    assert r2[0].cached and r2[0].result["square"] == 9
+    assert _calls(tmp_path) == ["3"]
+    # a changed input changes the key: the unit runs again, and its stale outputs are replaced
+    r3 = ex.run("toy", [_unit(tmp_path, 4)], cache)
+    assert not r3[0].cached and (tmp_path / "units" / "a" / "out.txt").read_text() == "16"
+    assert _calls(tmp_path) == ["3", "4"]
+
+
+def test_outputs_deleted_by_hand_are_redone(tmp_path):
+    cache = UnitCache(tmp_path)
+    ex = Executor(1, progress=False)
+    ex.run("toy", [_unit(tmp_path, 2)], cache)
+    import shutil
+
+    shutil.rmtree(tmp_path / "units" / "a")
+    assert not ex.run("toy", [_unit(tmp_path, 2)], cache)[0].cached
+
+
+def test_killed_unit_keeps_its_partial_work_for_the_same_key(tmp_path):
+    """A 'started' note with the same key keeps the directory (resume); another key wipes it."""
+    cache = UnitCache(tmp_path)
+    u = _unit(tmp_path, 5)
+    marker = cache.marker(u)
+    marker.parent.mkdir(parents=True)
+    started = marker.with_suffix(".started")
+    u.directory.mkdir(parents=True)
+    (u.directory / "finished-part.txt").write_text("kept")
+    started.write_text(json.dumps({"key": u.key}))
+    spec = Executor(1)._spec(u, cache)
+    run_unit(spec)
+    assert (u.directory / "finished-part.txt").exists()
+    assert not started.exists() and json.loads(marker.read_text())["key"] == u.key
+    # the same directory left by a run with another key is removed before running
+    u2 = _unit(tmp_path, 6)
+    (u2.directory / "left-over.txt").write_text("stale")
+    started.write_text(json.dumps({"key": "something else"}))
+    run_unit(Executor(1)._spec(u2, cache))
+    assert not (u2.directory / "left-over.txt").exists()
+
+
+def test_failures_name_the_unit_and_keep_the_exit_code(tmp_path):
+    cache = UnitCache(tmp_path)
+    ex = Executor(1, progress=False)
+    bad = Unit("segmentation", "B02", "tests.test_execution:toy_fail", {"what": "input"}, "k1")
+    with pytest.raises(Exception) as err:
+        ex.run("segmentation", [bad], cache)
+    assert "stage segmentation failed for B02: section 7 of brain B02 is empty" in str(err.value)
+    assert err.value.exit_code == 2
+    bug = Unit("registration", "B03", "tests.test_execution:toy_fail", {"what": "bug"}, "k2")
+    with pytest.raises(Exception) as err:
+        ex.run("registration", [bug], cache)
+    assert "B03" in str(err.value) and "ZeroDivisionError: boom" in str(err.value)
+    assert err.value.exit_code == 1
+    assert not cache.marker(bad).exists()
+
+
+def test_fingerprints_are_remembered(tmp_path):
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"abc")
+    fp = Fingerprints(tmp_path)
+    h = fp.file(f)
+    fp.save()
+    again = Fingerprints(tmp_path)
+    assert again._known[str(f.absolute())][2] == h
+    f.write_bytes(b"abcd")  # size changes: hashed again
+    assert again.file(f) != h
+
+
+@pytest.mark.slow
+def test_units_run_on_a_local_dask_cluster(tmp_path):
+    cache = UnitCache(tmp_path)
+    units = [_unit(tmp_path, v, name=f"u{v}") for v in range(4)]
+    with Executor(2, progress=False) as ex:
+        res = ex.run("toy", units, cache)
+    assert [r.result["square"] for r in res] == [0, 1, 4, 9]
+    assert {r.result["pid"] for r in res} != {os.getpid()}  # ran in worker processes
+    assert sorted(_calls(tmp_path)) == ["0", "1", "2", "3"]

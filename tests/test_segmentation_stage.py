@@ -1,0 +1,271 @@
+"""The segmentation stage entry points on a tiny synthetic cohort (a few small sections)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+tifffile = pytest.importorskip("tifffile")
+iio = pytest.importorskip("imageio.v3")
+
+from atlasbuilder.errors import InputError, InvalidImageError  # noqa: E402
+from atlasbuilder.manifest import load_manifest  # noqa: E402
+from atlasbuilder.segmentation.stage import (  # noqa: E402
+    StageSettings,
+    load_section_labels,
+    load_section_probabilities,
+    position_channels,
+    segment,
+    segment_subject,
+    tissue_frame,
+    train_cohort_model,
+)
+
+H, W = 48, 64
+NUMBERS = (1, 11, 21, 31)
+ANNOTATED = (1, 21)
+
+MANIFEST = """\
+format_version: 1
+atlas: {{name: tiny, version: "0.1"}}
+hierarchy: juelich
+areas: [hOc1, hOc2]
+spaces:
+  reference: [MNI152NLin2009cAsym]
+subjects:
+{subjects}
+"""
+
+SUBJECT = """\
+  - id: {sid}
+    hemispheres: [left]
+    sections:
+      files: sections/{sid}/*.tif
+      plane: coronal
+      thickness_um: 20
+      pixel_size_um: 200
+      spacing: 10
+    annotations:
+      files: annotations/{sid}/*.png
+      labels: {{1: hOc1_left, 2: hOc2_left}}
+"""
+
+TINY = StageSettings(cohort_iterations=60, finetune_iterations=20, scratch_iterations=60, patch_size=32,
+                     batch_size=4, width=4, depth=2, input_pool=1, context=True, predict_batch=4,
+                     cohort_lr=1e-2, finetune_lr=3e-3, scratch_lr=1e-2, threads=1)
+
+
+def _section(rng: np.random.Generator, shift: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bright background, a dark tissue box; area 1 in its left half (fine texture), 2 in the right."""
+    img = np.full((H, W), 230.0) + rng.normal(0, 3, (H, W))
+    labels = np.zeros((H, W), np.uint8)
+    r0, r1, c0, c1 = 8, 40, 6 + shift, 58 + shift - 4
+    mid = (c0 + c1) // 2
+    img[r0:r1, c0:c1] = 90 + rng.normal(0, 10, (r1 - r0, c1 - c0))
+    img[r0:r1, c0:mid:2] -= 40  # stripes in area 1
+    labels[r0:r1, c0:mid] = 1
+    labels[r0:r1, mid:c1] = 2
+    return np.clip(img, 0, 255).astype(np.uint8), labels
+
+
+def _cohort(root: Path, subjects: tuple[str, ...] = ("B01", "B02")) -> Path:
+    rng = np.random.default_rng(0)
+    for k, sid in enumerate(subjects):
+        (root / "sections" / sid).mkdir(parents=True)
+        (root / "annotations" / sid).mkdir(parents=True)
+        (root / "truth" / sid).mkdir(parents=True)
+        for n in NUMBERS:
+            img, lab = _section(rng, shift=k + n // 20)
+            tifffile.imwrite(root / "sections" / sid / f"{sid}_s{n:04d}.tif", img)
+            iio.imwrite(root / "truth" / sid / f"{sid}_s{n:04d}.png", lab)
+            if n in ANNOTATED:
+                iio.imwrite(root / "annotations" / sid / f"{sid}_s{n:04d}.png", lab)
+    text = MANIFEST.format(subjects="".join(SUBJECT.format(sid=s) for s in subjects))
+    (root / "manifest.yaml").write_text(text)
+    return root / "manifest.yaml"
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _cohort(tmp_path_factory.mktemp("tiny-cohort"))
+
+
+@pytest.fixture(scope="module")
+def segmented_root(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What ``atlasbuilder segment`` does: a cohort model on both brains, fine-tuned per brain."""
+    out = tmp_path_factory.mktemp("seg")
+    assert segment(cohort, out, device="cpu", settings=TINY, progress=False) == out
+    return out
+
+
+@pytest.fixture(scope="module")
+def cohort_model(segmented_root: Path) -> Path:
+    path = segmented_root / "cohort_model.pt"
+    assert path.is_file()
+    return path
+
+
+@pytest.fixture(scope="module")
+def segmented(segmented_root: Path) -> Path:
+    return segmented_root / "B01"
+
+
+def test_train_cohort_model_excludes(cohort: Path, tmp_path: Path) -> None:
+    from atlasbuilder.segmentation.training import _read_checkpoint
+
+    st = StageSettings(**{**TINY.as_dict(), "cohort_iterations": 2})
+    path = train_cohort_model(cohort, tmp_path / "c.pt", exclude=["B02"], settings=st, progress=False)
+    meta = _read_checkpoint(path)["meta"]
+    assert meta["stage"]["subjects"] == ["B01"]
+    assert meta["classes"] == ["background", "hOc1_left", "hOc2_left"]
+    with pytest.raises(InputError, match="no subjects left"):
+        train_cohort_model(cohort, tmp_path / "d.pt", exclude=["B01", "B02"], settings=st, progress=False)
+    assert not (tmp_path / "d.pt").exists()
+
+
+def test_tissue_frame_and_position_channels() -> None:
+    img = np.full((1, 100, 200), 250.0)
+    img[0, 20:60, 50:150] = 40.0
+    cy, cx, hy, hx = tissue_frame(img, 1)
+    assert cy == pytest.approx(40, abs=1) and cx == pytest.approx(100, abs=1)
+    assert hy == pytest.approx(20, abs=1) and hx == pytest.approx(50, abs=1)
+    # the same frame measured on a 4x coarser overview
+    coarse = img[0].reshape(25, 4, 50, 4).mean((1, 3))
+    assert np.allclose(tissue_frame(coarse, 4), (cy, cx, hy, hx), atol=4)
+    pos = position_channels((100, 200), (cy, cx, hy, hx), 0.25)
+    assert pos.shape == (3, 100, 200) and pos.dtype == np.float32
+    assert abs(pos[0, 20, 0] + 1) < 0.06 and abs(pos[0, 59, 0] - 1) < 0.06
+    assert abs(pos[1, 0, 50] + 1) < 0.03 and abs(pos[1, 0, 149] - 1) < 0.03
+    assert np.all(pos[2] == 0.25)
+    window = position_channels((10, 20), (cy, cx, hy, hx), 0.25, origin=(30, 40))
+    assert np.array_equal(window, pos[:, 30:40, 40:60])
+
+
+def test_tissue_frame_rejects_constant() -> None:
+    with pytest.raises(InvalidImageError, match="constant"):
+        tissue_frame(np.ones((10, 10)), 1)
+
+
+def test_segment_subject_outputs(cohort: Path, segmented: Path) -> None:
+    info = json.loads((segmented / "segmentation.json").read_text())
+    assert info["protocol"] == "transfer" and info["subject"] == "B01"
+    assert [c["key"] for c in info["classes"]] == ["background", "hOc1_left", "hOc2_left"]
+    tree = load_manifest(cohort).load_hierarchy()
+    ids = {"hOc1_left": tree.get("hOc1_left").id, "hOc2_left": tree.get("hOc2_left").id}
+    assert [c["region_id"] for c in info["classes"]] == [0, ids["hOc1_left"], ids["hOc2_left"]]
+    assert [s["number"] for s in info["sections"]] == list(NUMBERS)
+    assert (segmented.parent / "B02" / "segmentation.json").is_file()
+    assert [s["annotated"] for s in info["sections"]] == [n in ANNOTATED for n in NUMBERS]
+    assert all(0 < s["mean_confidence"] <= 1 for s in info["sections"])
+    labels = load_section_labels(segmented)
+    assert sorted(labels) == list(NUMBERS)
+    lut = np.array([0, ids["hOc1_left"], ids["hOc2_left"]], np.uint16)
+    for n in NUMBERS:
+        lab = labels[n]
+        assert lab.dtype == np.uint16 and lab.shape == (H, W)
+        assert set(np.unique(lab)) <= {0, *ids.values()}
+        truth = lut[iio.imread(cohort.parent / "truth" / "B01" / f"B01_s{n:04d}.png")]
+        if n in ANNOTATED:  # the expert labels are kept
+            assert np.array_equal(lab, truth)
+        else:  # the network learnt the two areas (texture + position)
+            for r in ids.values():
+                p, t = lab == r, truth == r
+                assert 2 * (p & t).sum() / (p.sum() + t.sum()) > 0.6
+    keys, probs = load_section_probabilities(segmented, 11)
+    assert keys == ["background", "hOc1_left", "hOc2_left"]
+    assert probs.shape == (3, H, W) and probs.dtype == np.uint8
+    assert np.all(np.abs(probs.astype(int).sum(0) - 100) <= 3)
+    with pytest.raises(InputError, match="no section number 12"):
+        load_section_probabilities(segmented, 12)
+
+
+def test_segment_subject_resumes(cohort: Path, cohort_model: Path, segmented: Path) -> None:
+    stamp = {p: p.stat().st_mtime_ns for p in segmented.rglob("*") if p.is_file()}
+    info = segment_subject(cohort, "B01", segmented, init_checkpoint=cohort_model, settings=TINY,
+                           progress=False)
+    assert info == json.loads((segmented / "segmentation.json").read_text())
+    assert {p: p.stat().st_mtime_ns for p in segmented.rglob("*") if p.is_file()} == stamp
+
+
+def test_scratch_is_deterministic(cohort: Path, tmp_path: Path) -> None:
+    st = StageSettings(**{**TINY.as_dict(), "protocol": "scratch", "scratch_iterations": 5})
+    a = segment_subject(cohort, "B02", tmp_path / "a", settings=st, progress=False)
+    segment_subject(cohort, "B02", tmp_path / "b", settings=st, progress=False)
+    assert a["protocol"] == "scratch" and a["init_checkpoint"] is None
+    la, lb = load_section_labels(tmp_path / "a"), load_section_labels(tmp_path / "b")
+    assert all(np.array_equal(la[n], lb[n]) for n in NUMBERS)
+
+
+def _break(root: Path, what: str) -> Path:
+    manifest = _cohort(root, ("B01",))
+    if what == "label":
+        lab = iio.imread(root / "annotations/B01/B01_s0021.png").copy()
+        lab[0, 0] = 7
+        iio.imwrite(root / "annotations/B01/B01_s0021.png", lab)
+    elif what == "size":
+        iio.imwrite(root / "annotations/B01/B01_s0021.png", np.zeros((H, W + 2), np.uint8))
+    elif what == "constant":
+        tifffile.imwrite(root / "sections/B01/B01_s0031.tif", np.full((H, W), 7, np.uint8))
+    return manifest
+
+
+@pytest.mark.parametrize(("what", "error", "match"), [
+    ("label", InputError, r"B01_s0021\.png: label values \[7\]"),
+    ("size", InvalidImageError, r"B01_s0021\.png: the annotation is 48 x 66 px"),
+    ("constant", InvalidImageError, r"B01_s0031\.tif: the section is constant"),
+])
+def test_bad_input_names_the_file(tmp_path: Path, what: str, error: type, match: str) -> None:
+    manifest = _break(tmp_path / "c", what)
+    st = StageSettings(**{**TINY.as_dict(), "protocol": "scratch", "scratch_iterations": 2})
+    with pytest.raises(error, match=match):
+        segment_subject(manifest, "B01", tmp_path / "out", settings=st, progress=False)
+    assert not (tmp_path / "out" / "segmentation.json").exists()
+    assert not list((tmp_path / "out").glob("sections/*31.zarr"))
+
+
+def test_checkpoint_of_another_class_set(cohort: Path, cohort_model: Path, tmp_path: Path) -> None:
+    root = tmp_path / "other"
+    manifest = _cohort(root, ("B01",))
+    text = manifest.read_text().replace("{1: hOc1_left, 2: hOc2_left}", "{1: hOc2_left, 2: hOc1_left}")
+    manifest.write_text(text)
+    with pytest.raises(InputError, match=r"cohort_model\.pt: the checkpoint was trained for classes"):
+        segment_subject(manifest, "B01", tmp_path / "out", init_checkpoint=cohort_model, settings=TINY,
+                        progress=False)
+    assert not (tmp_path / "out" / "segmentation.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_gpu(cohort: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="(?i)cuda"):
+        segment_subject(cohort, "B01", tmp_path / "out", settings=TINY, device="cuda", progress=False)
+
+
+def test_protocol_needs_checkpoint(cohort: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="needs init_checkpoint"):
+        segment_subject(cohort, "B01", tmp_path, settings=StageSettings(protocol="transfer"), progress=False)
+    with pytest.raises(InputError, match="protocol must be one of"):
+        StageSettings(protocol="magic")
+
+
+def test_unet_input_pool_keeps_shape() -> None:
+    from atlasbuilder.segmentation.networks import UNet
+
+    net = UNet(2, 3, depth=2, width=4, input_pool=2).eval()
+    for h, w in ((32, 32), (37, 29), (5, 3)):
+        assert net(torch.zeros(1, 2, h, w)).shape == (1, 3, h, w)
+    assert net.multiple == 4
+
+
+def test_augment_leaves_position_channels() -> None:
+    from atlasbuilder.segmentation.data import Augmentation, augment
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 16, 16)
+    y = torch.zeros(3, 16, 16, dtype=torch.long)
+    out, _, _ = augment(x.clone(), y, None, Augmentation(flips=False, intensity_channels=1), g)
+    assert torch.equal(out[:, 1:], x[:, 1:])
+    assert not torch.equal(out[:, :1], x[:, :1])
