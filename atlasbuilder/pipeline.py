@@ -142,12 +142,16 @@ def _data_manifest(path: str, quick: bool) -> Any:
 def _segment_brain(manifest: str, quick: bool, stages: dict[str, Any], subject: str, out_dir: str,
                    init_checkpoint: str | None, device: str, seed: int, threads: int,
                    progress: bool) -> dict[str, Any]:
+    from .segmentation.qa import write_segmentation_qa
     from .segmentation.stage import _auto_device, segment_subject, settings_from_manifest
 
     m = _with_stages(_data_manifest(manifest, quick), stages)
-    return dict(segment_subject(m, subject, Path(out_dir), init_checkpoint=init_checkpoint,
-                                settings=settings_from_manifest(m), device=_auto_device(device),
-                                threads=threads, seed=seed, progress=progress))
+    summary = dict(segment_subject(m, subject, Path(out_dir), init_checkpoint=init_checkpoint,
+                                   settings=settings_from_manifest(m),
+                                   device=_auto_device(device), threads=threads, seed=seed,
+                                   progress=progress))
+    write_segmentation_qa(out_dir)  # for the report: contours on sections, confidence
+    return summary
 
 
 def _train_cohort_model(manifest: str, quick: bool, stages: dict[str, Any], out_path: str,

@@ -101,6 +101,7 @@ def test_quick_demo_build_runs_every_stage(quick_demo):
     for sid in ("B01", "B02", "B03"):
         d = quick_demo / "brains" / sid
         assert (d / "segmentation" / "segmentation.json").is_file()
+        assert (d / "segmentation" / "qa.png").stat().st_size > 10_000  # contours, confidence
         assert (d / "reconstruction" / "labels.nii.gz").is_file()
         assert (d / "warped" / "labels_MNI152NLin2009cAsym.nii.gz").is_file()
         assert (d / "warped" / "labels_BigBrain.nii.gz").is_file()
@@ -112,6 +113,10 @@ def test_quick_demo_build_runs_every_stage(quick_demo):
     assert sorted(p.name for p in (quick_demo / "stats").glob("*.csv"))
     assert (quick_demo / "maps" / "MNI152NLin2009cAsym" / "mpm.nii.gz").is_file()
     assert (quick_demo / "siibra").is_dir() and (quick_demo / "report.html").is_file()
+    # the report shows the QA figures of every stage
+    report = (quick_demo / "report.html").read_text()
+    assert report.count("data:image/png;base64,") >= 10
+    assert "Segmentation of B01" in report
     assert (quick_demo / "build.log").read_text().count("stage ") >= 5
 
 
