@@ -282,20 +282,9 @@ def _warp_brain(subject: str, recon_dir: str, registration_dir: str, template_di
 
 
 def _save_nifti(img: Any, path: Path) -> None:
-    from .storage import atomic_write_bytes
+    from .storage import atomic_write_bytes, nifti_gz_bytes
 
-    atomic_write_bytes(path, _nifti_gz_bytes(img))
-
-
-def _nifti_gz_bytes(img: Any) -> bytes:
-    """Gzipped NIfTI bytes with no timestamp: the same volume gives the same file."""
-    import gzip
-    import io
-
-    buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=1) as gz:
-        gz.write(img.to_bytes())
-    return buf.getvalue()
+    atomic_write_bytes(path, nifti_gz_bytes(img))
 
 
 def _aggregate(atlas_dir: str, space: str, label_files: dict[str, str], areas: list[str],

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .errors import OutputExistsError
 
@@ -136,3 +137,14 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def nifti_gz_bytes(img: Any) -> bytes:
+    """Gzipped NIfTI bytes with no timestamp: the same volume always gives the same file."""
+    import gzip
+    import io
+
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=1) as gz:
+        gz.write(img.to_bytes())
+    return buf.getvalue()

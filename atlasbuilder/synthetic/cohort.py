@@ -278,16 +278,9 @@ def _affine(ds: Any) -> np.ndarray:
 
 def _save_nifti(img: Any, path: Path) -> None:
     """Deterministic gzip (no timestamp in the header) written atomically."""
-    import gzip
-    import io
+    from ..storage import atomic_write_bytes, nifti_gz_bytes
 
-    from ..storage import atomic_write_bytes
-
-    raw = img.to_bytes()
-    buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=1) as gz:
-        gz.write(raw)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, nifti_gz_bytes(img))
 
 
 # ---------------------------------------------------------------------------------------------
