@@ -59,8 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="atlas directory (default: ./<atlas name>)")
     p.add_argument("--quick", action="store_true",
                    help="small cohort and fast settings (the demo in minutes)")
-    p.add_argument("--force", nargs="?", const=True, default=False, metavar="STAGE",
-                   choices=[True, *_STAGE_NAMES],
+    p.add_argument("--force", nargs="?", const=True, default=False, metavar="STAGE", type=_stage_name,
                    help="recompute everything (and write into a non-empty directory), or only "
                         f"STAGE ({', '.join(_STAGE_NAMES)})")
     p.add_argument("--until", choices=_STAGE_NAMES, default=None, metavar="STAGE",
@@ -246,6 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # -- commands ----------------------------------------------------------------------------------
+def _stage_name(value: str) -> str:
+    """``--force STAGE``: one of the build's stages (argparse turns the error into exit code 2)."""
+    if value not in _STAGE_NAMES:
+        raise argparse.ArgumentTypeError(f"invalid stage {value!r} (choose from {', '.join(_STAGE_NAMES)})")
+    return value
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     from .pipeline import build
 

@@ -74,8 +74,9 @@ class Unit:
 class UnitResult:
     unit: Unit
     result: dict[str, Any]
-    seconds: float
+    seconds: float  # spent by this build (0 for a unit taken from the cache)
     cached: bool
+    computed_seconds: float = 0.0  # what computing the unit took, in whichever build did it
 
 
 class UnitCache:
@@ -275,7 +276,8 @@ class Executor:
         for i, u in enumerate(units):
             rec = cache.lookup(u)
             if rec is not None:
-                out[i] = UnitResult(u, rec.get("result", {}), 0.0, True)
+                out[i] = UnitResult(u, rec.get("result", {}), 0.0, True,
+                                    float(rec.get("seconds", 0.0) or 0.0))
             else:
                 todo.append((i, u))
         if todo:
@@ -288,7 +290,8 @@ class Executor:
                         log.debug("unit %s/%s failed:\n%s", stage, u.name, res.get("traceback"))
                         raise UnitFailed(f"stage {stage} failed for {u.name}: {res['error']}",
                                          int(res.get("exit_code", 1)))
-                    out[i] = UnitResult(u, res["result"], float(res["seconds"]), False)
+                    out[i] = UnitResult(u, res["result"], float(res["seconds"]), False,
+                                        float(res["seconds"]))
                     log.info("%s %s done in %.1f s", stage, u.name, res["seconds"])
                     bar.update()
             finally:

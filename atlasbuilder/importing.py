@@ -312,12 +312,6 @@ def import_atlas(
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+    from .storage import package_versions
 
-    out = {}
-    for pkg in ("atlasbuilder", "numpy", "nibabel", "xarray", "zarr"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+    return package_versions("atlasbuilder", "numpy", "nibabel", "xarray", "zarr")

@@ -64,7 +64,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -709,15 +708,9 @@ def load_transform(directory: str | Path, *, source: str | None = None,
 # register
 # ---------------------------------------------------------------------------------------------
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+    from .storage import package_versions
 
-    out = {"python": platform.python_version()}
-    for pkg in ("atlasbuilder", "antspyx", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+    return package_versions("atlasbuilder", "antspyx", "numpy", python=True)
 
 
 def _write_input(vol: xr.Dataset | xr.DataArray, path: Path, *, mask: bool = False) -> None:

@@ -94,6 +94,16 @@ def _fmt(v: object, digits: int = 3) -> str:
     return _esc(v)
 
 
+def _duration(seconds: float) -> str:
+    """``12.3 s``, ``4 min 05 s``; under 0.1 s (a stage taken from the cache): ``< 0.1 s``."""
+    if seconds < 0.1:
+        return "&lt; 0.1 s"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    total = round(seconds)
+    return f"{total // 60} min {total % 60:02d} s"
+
+
 def _swatch(colour: str) -> str:
     return f'<span class="sw" style="background:{_esc(colour)}"></span>'
 
@@ -203,19 +213,28 @@ def _provenance(prov: dict[str, Any]) -> str:
     out = []
     stages = prov.get("stages")
     if isinstance(stages, list) and stages:
+        recorded = prov.get("units")
+        units: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
         rows = []
         for st in stages:
             if not isinstance(st, dict):
                 continue
             status = str(st.get("status", ""))
+            # what the stage's units cost when they were computed (in this build or an earlier one)
+            work = [float(u.get("computed_seconds", u.get("seconds", 0.0)) or 0.0)
+                    for u in units.get(str(st.get("name")), []) if isinstance(u, dict)]
             rows.append((f"<b>{_esc(st.get('name', ''))}</b>",
                          f'<span class="status {_esc(status)}">{_esc(status)}</span>',
-                         _fmt(float(st.get("seconds", 0.0)), 3) + " s",
+                         _duration(float(st.get("seconds", 0.0))),
+                         _duration(sum(work)) if work else "–",
                          _esc(st.get("items", "")), _esc(st.get("units", "")),
                          _esc(st.get("cache_hits", "")), _esc(st.get("note", ""))))
         out.append('<h3 id="stages">Build stages</h3>')
-        out.append(_table(("stage", "status", "time", "items", "units", "cached", "note"), rows,
-                          "stages"))
+        out.append("<p class='muted'>time: wall time of the stage in this build (a stage taken from "
+                   "the cache takes none); work: the sum of its units' compute times, in whichever "
+                   "build computed them (units run in parallel, so work can exceed time).</p>")
+        out.append(_table(("stage", "status", "time", "work", "items", "units", "cached", "note"),
+                          rows, "stages"))
     inputs = prov.get("inputs")
     if isinstance(inputs, dict) and inputs:
         rows2: list[tuple[str, str]] = []
@@ -399,6 +418,11 @@ def _extra_maps(atlas: Atlas, space: str, template: nib.Nifti1Image | None) -> l
             continue
         data = np.asarray(ds[name].values, dtype=np.float32)
         if not np.any(data > 0):
+            continue
+        if name == "coverage" and float(data.min()) == float(data.max()):
+            # a uniform map would only hide the template: say it instead
+            out.append(f"<p>Coverage, {_esc(space)}: every voxel of the grid has labels from all "
+                       f"{int(data.max())} brains.</p>")
             continue
         fig = plt.figure(figsize=(10, 3.4), facecolor="black")
         plotting.plot_stat_map(_image(data, sm.grid.affine), bg_img=bg, display_mode="ortho",
@@ -726,8 +750,9 @@ margin-top:1.5em}
 h2{border-bottom:2px solid var(--accent);padding-bottom:.2em}
 table{border-collapse:collapse;margin:.6em 0;font-size:13.5px}
 th,td{border-bottom:1px solid var(--line);padding:3px 10px;text-align:left;vertical-align:top}
-th{background:#f3f4f6;position:sticky;top:2.6em}
+th{background:#f3f4f6}
 table.num td{font-variant-numeric:tabular-nums}
+table.stages td:nth-child(-n+4){white-space:nowrap}
 .scroll{overflow-x:auto;max-width:100%}
 table.regions td:first-child{white-space:nowrap}
 table.regions td:nth-child(n+5){text-align:right;font-variant-numeric:tabular-nums}

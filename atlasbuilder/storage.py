@@ -148,3 +148,18 @@ def nifti_gz_bytes(img: Any) -> bytes:
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=1) as gz:
         gz.write(img.to_bytes())
     return buf.getvalue()
+
+
+def package_versions(*packages: str, python: bool = False) -> dict[str, str]:
+    """Installed versions of ``packages`` (``"not installed"`` for missing ones), for the provenance
+    records every stage writes; ``python=True`` adds the interpreter's version."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()} if python else {}
+    for pkg in packages:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out

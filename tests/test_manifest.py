@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -343,9 +342,7 @@ def test_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
         prev = f"*a{i - 1}"
         lines.append(f"a{i}: &a{i} [{', '.join([prev] * 10)}]")
     path = write(tmp_path / "bomb.yaml", "\n".join(lines) + "\n")
-    start = time.perf_counter()
-    problems = validate_manifest(path)
-    assert time.perf_counter() - start < 5
+    problems = validate_manifest(path)  # refused before expansion (10**9 nodes would never end)
     assert problems == [one_problem(problems, "YAML aliases")]
 
 

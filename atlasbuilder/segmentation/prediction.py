@@ -861,13 +861,9 @@ def _labels_and_percent(scores: torch.Tensor, activation: str | None) -> tuple[n
 
 
 def _versions() -> dict[str, str]:
-    import importlib.metadata as md
+    from ..storage import package_versions
 
-    out = {"torch": str(torch.__version__), "numpy": str(np.__version__)}
-    for pkg in ("atlasbuilder", "zarr", "tifffile"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[pkg] = md.version(pkg)
-    return out
+    return package_versions("atlasbuilder", "torch", "numpy", "zarr", "tifffile")
 
 
 def predict_sections(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],

@@ -229,14 +229,9 @@ class SegmentationModel(nn.Module):
 
 
 def _versions() -> dict[str, str]:
-    import importlib.metadata as md
+    from ..storage import package_versions
 
-    out = {"torch": str(torch.__version__), "numpy": str(np.__version__)}  # TorchVersion is no str
-    try:
-        out["atlasbuilder"] = md.version("atlasbuilder")
-    except md.PackageNotFoundError:
-        pass
-    return out
+    return package_versions("atlasbuilder", "torch", "numpy")
 
 
 def save_checkpoint(model: SegmentationModel, path: str | os.PathLike[str]) -> Path:
