@@ -608,9 +608,13 @@ def _report(ctx: BuildContext) -> StageResult:
     done = ctx.products.get("unit_results", {})
     keys = sorted(f"{r.unit.stage}/{r.unit.name}/{r.unit.key}" for rs in done.values() for r in rs
                   if r.unit.name != "report")
-    results = ctx.run("exports", [Unit("exports", "report", "atlasbuilder.pipeline:_export",
-                                       {"kind": "report", "atlas_dir": str(ctx.output)},
-                                       content_key("report", keys))])
+    from . import __version__
+
+    unit = Unit("exports", "report", "atlasbuilder.pipeline:_export",
+                {"kind": "report", "atlas_dir": str(ctx.output)}, content_key("report", __version__, keys))
+    if ctx.cache is not None and not (ctx.output / "report.html").is_file():
+        ctx.cache.marker(unit).unlink(missing_ok=True)  # removed by hand: draw it again
+    results = ctx.run("exports", [unit])
     return _stage_result("report", results)
 
 

@@ -19,7 +19,11 @@ def toy_square(value: int, out_dir: str, log: str) -> dict:
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     (d / "out.txt").write_text(str(value * value))
-    return {"square": value * value, "pid": os.getpid()}
+    from threadpoolctl import threadpool_info
+
+    return {"square": value * value, "pid": os.getpid(),
+            "pools": sorted({p["num_threads"] for p in threadpool_info()}),
+            "malloc_trim": os.environ.get("MALLOC_TRIM_THRESHOLD_")}
 
 
 def toy_fail(what: str) -> dict:
@@ -107,6 +111,17 @@ def test_failures_name_the_unit_and_keep_the_exit_code(tmp_path):
     assert not cache.marker(bad).exists()
 
 
+def test_in_process_units_run_single_threaded_and_restore_the_pools(tmp_path):
+    import numpy as np  # noqa: F401  (loads OpenBLAS before the unit, as in a notebook)
+    from threadpoolctl import threadpool_info
+
+    before = [p["num_threads"] for p in threadpool_info()]
+    with Executor(1, progress=False) as ex:
+        (res,) = ex.run("toy", [_unit(tmp_path, 3)], UnitCache(tmp_path))
+    assert res.result["pools"] == [1]
+    assert [p["num_threads"] for p in threadpool_info()] == before
+
+
 def test_fingerprints_are_remembered(tmp_path):
     f = tmp_path / "a.bin"
     f.write_bytes(b"abc")
@@ -127,4 +142,6 @@ def test_units_run_on_a_local_dask_cluster(tmp_path):
         res = ex.run("toy", units, cache)
     assert [r.result["square"] for r in res] == [0, 1, 4, 9]
     assert {r.result["pid"] for r in res} != {os.getpid()}  # ran in worker processes
+    # one thread per math library, and not Dask's MALLOC_TRIM_THRESHOLD_ (torch 1.7x slower)
+    assert all(r.result["pools"] == [1] and r.result["malloc_trim"] is None for r in res)
     assert sorted(_calls(tmp_path)) == ["0", "1", "2", "3"]

@@ -135,6 +135,12 @@ def test_second_identical_build_is_all_cache(quick_demo, tmp_path):
     assert all(s["status"] == "cached" for s in prov["stages"]), prov["stages"]
     after = {p: p.stat().st_mtime_ns for p in files}
     assert before == after  # nothing rewritten, the report included (its key is every unit's key)
+    # a report deleted by hand is drawn again, the rest still comes from the cache
+    (quick_demo / "report.html").unlink()
+    build(DEMO, quick_demo, quick=True, progress=False, workers=1)
+    assert (quick_demo / "report.html").is_file()
+    assert {p: p.stat().st_mtime_ns for p in files if p.name != "report.html"} == \
+        {p: t for p, t in before.items() if p.name != "report.html"}
 
 
 # -- a small real-data cohort: resume after kill -9, partial rebuilds, Dask ----------------------
