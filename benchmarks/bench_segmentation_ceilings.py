@@ -148,14 +148,18 @@ def _pixels(manifest: Any, ids: list[str], per_section: int, rng: np.random.Gene
         sub = st._subject(manifest, sid)
         classes = sub.classes
         px = float(manifest.subject(sid).sections.pixel_size_um) / 1000.0
+        # label value -> class index (-1: not annotated), one table per brain
+        lut = np.full(max(sub.mapping) + 1, -1, dtype=np.int64)
+        for v, k in sub.mapping.items():
+            lut[v] = sub.classes.index(k) if k else -1
         for n in sorted(sub.annotations):
             img = st._read_image(sub.sections[n])
             f = laminar_features(img[0], px)
             pos = st.position_channels(img.shape[1:], st._frame_of_array(img), sub.positions[n])
             feats = np.concatenate([f, pos]).reshape(f.shape[0] + 3, -1).T
             ann = st._read_labels(sub.annotations[n]).ravel()
-            lut = {v: (sub.classes.index(k) if k else -1) for v, k in sub.mapping.items()}
-            cls = np.array([lut[v] for v in ann.tolist()])
+            # values outside the mapping count as not annotated
+            cls = np.where(ann < lut.size, lut[np.minimum(ann, lut.size - 1)], -1)
             idx = np.flatnonzero((feats[:, 1] > 0) & (cls >= 0))  # grey matter, annotated
             if per_section:
                 idx = rng.choice(idx, min(per_section, idx.size), replace=False)
