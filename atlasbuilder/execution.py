@@ -68,6 +68,7 @@ class Unit:
     resources: dict[str, float] | None = None  # Dask resources (e.g. {"GPU": 1})
     items: int = 1  # for the summary (sections, brains, ...)
     note: str = ""
+    after: tuple[str, ...] = ()  # names of units of the same run that must finish first
 
 
 @dataclass
@@ -77,6 +78,7 @@ class UnitResult:
     seconds: float  # spent by this build (0 for a unit taken from the cache)
     cached: bool
     computed_seconds: float = 0.0  # what computing the unit took, in whichever build did it
+    ahead: bool = False  # started ahead of its stage (Executor.start_ahead)
 
 
 class UnitCache:
@@ -218,6 +220,17 @@ def _run_unit(spec: dict[str, Any]) -> dict[str, Any]:
     return {"result": json.loads(json.dumps(result, default=str)), "seconds": seconds}
 
 
+def run_unit_after(spec: dict[str, Any], *before: dict[str, Any]) -> dict[str, Any]:
+    """:func:`run_unit` once the units it waits for are done (on Dask: their results are passed);
+    not run when one of them failed."""
+    for res in before:
+        if "error" in res:
+            return {"error": f"not run: a unit it needs failed ({res['error']})",
+                    "error_type": res.get("error_type", "StageError"),
+                    "exit_code": res.get("exit_code", 1), "traceback": ""}
+    return run_unit(spec)
+
+
 class UnitFailed(StageError):
     """A unit failed; ``exit_code`` follows the cause (2 for bad input)."""
 
@@ -249,6 +262,7 @@ class Executor:
     progress: bool = True
     _client: Any = field(default=None, init=False, repr=False)
     _cluster: Any = field(default=None, init=False, repr=False)
+    _ahead: dict[tuple[str, str, str], Any] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def distributed(self) -> bool:
@@ -271,7 +285,12 @@ class Executor:
             # Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536, which makes glibc hand every
             # freed tensor back to the kernel: torch training ran 1.7x slower on a worker than in
             # this process. The other variables it sets (1 thread for OpenMP/BLAS) are kept.
-            with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+            # A worker is sent its next unit only when it has finished one (worker-saturation 1):
+            # by default each worker also holds a queued unit, and starts it the moment its current
+            # one ends, before a more urgent unit that just became ready (units started ahead
+            # would then hold up the stage that waits for its units).
+            with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                                  "distributed.scheduler.worker-saturation": 1.0}):
                 self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1,
                                              processes=True, dashboard_address=None,
                                              silence_logs=logging.ERROR)
@@ -280,6 +299,7 @@ class Executor:
         return self._client
 
     def close(self) -> None:
+        self._ahead.clear()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -293,13 +313,44 @@ class Executor:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @staticmethod
+    def _ahead_key(u: Unit) -> tuple[str, str, str]:
+        return (u.stage, u.name, u.key)
+
+    def start_ahead(self, units: Sequence[Unit], cache: UnitCache) -> int:
+        """Start ``units`` now, behind all other work, on a Dask cluster; return how many started.
+
+        For units a later stage will ask for whose inputs are ready already (e.g. registering a
+        brain's blockface while its sections are segmented): they run whenever a worker would
+        otherwise wait, and the stage that asks for them later collects them (:meth:`run`).
+        Cached units are not started; without Dask (one worker) nothing is (the stage runs them).
+        """
+        if not self.distributed:
+            return 0
+        client = self._ensure_client()
+        started = 0
+        for u in units:
+            k = self._ahead_key(u)
+            if k in self._ahead or cache.lookup(u) is not None:
+                continue
+            self._ahead[k] = self._submit(client, u, cache, priority=-10)
+            started += 1
+        if started:
+            log.info("started %d units ahead of their stage", started)
+        return started
+
     def run(self, stage: str, units: Sequence[Unit], cache: UnitCache) -> list[UnitResult]:
         """Run the units that are not cached; return every unit's result, in order."""
         from tqdm.auto import tqdm
 
         out: dict[int, UnitResult] = {}
         todo: list[tuple[int, Unit]] = []
+        ahead: set[int] = set()
         for i, u in enumerate(units):
+            if self._ahead_key(u) in self._ahead:  # started ahead by this build: collect it
+                todo.append((i, u))
+                ahead.add(i)
+                continue
             rec = cache.lookup(u)
             if rec is not None:
                 out[i] = UnitResult(u, rec.get("result", {}), 0.0, True,
@@ -317,7 +368,7 @@ class Executor:
                         raise UnitFailed(f"stage {stage} failed for {u.name}: {res['error']}",
                                          int(res.get("exit_code", 1)))
                     out[i] = UnitResult(u, res["result"], float(res["seconds"]), False,
-                                        float(res["seconds"]))
+                                        float(res["seconds"]), ahead=i in ahead)
                     log.info("%s %s done in %.1f s", stage, u.name, res["seconds"])
                     bar.update()
             finally:
@@ -330,6 +381,14 @@ class Executor:
                 "threads": u.threads, "marker": str(cache.marker(u)),
                 "directory": str(u.directory) if u.directory is not None else None}
 
+    def _submit(self, client: Any, u: Unit, cache: UnitCache, priority: int = 0,
+                before: Sequence[Any] = ()) -> Any:
+        spec = self._spec(u, cache)
+        spec["kwargs"] = {**spec["kwargs"], **({"progress": False} if "progress" in spec["kwargs"]
+                                               else {})}
+        return client.submit(run_unit_after, spec, *before, key=f"{u.stage}-{u.name}-{u.key[:12]}",
+                             pure=False, resources=u.resources, priority=priority)
+
     def _execute(self, todo: list[tuple[int, Unit]], cache: UnitCache
                  ) -> Iterator[tuple[int, dict[str, Any]]]:
         if not self.distributed or len(todo) == 0:
@@ -340,13 +399,16 @@ class Executor:
 
         client = self._ensure_client()
         futures = {}
+        by_name: dict[str, Any] = {}
         for i, u in todo:
-            spec = self._spec(u, cache)
-            spec["kwargs"] = {**spec["kwargs"], **({"progress": False} if "progress" in spec["kwargs"]
-                                                   else {})}
-            fut = client.submit(run_unit, spec, key=f"{u.stage}-{u.name}-{u.key[:12]}", pure=False,
-                                resources=u.resources)
+            fut = self._ahead.pop(self._ahead_key(u), None)
+            if fut is None:
+                # queued at once, waiting on Dask for the units it needs: a worker freed by one of
+                # them takes it before any unit started ahead of its stage
+                fut = self._submit(client, u, cache, before=[by_name[n] for n in u.after
+                                                             if n in by_name])
             futures[fut] = i
+            by_name[u.name] = fut
         try:
             for fut in as_completed(list(futures)):
                 yield futures[fut], fut.result()

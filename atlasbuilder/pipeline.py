@@ -74,6 +74,13 @@ class BuildContext:
         """The manifest the stages read data from (the generated one for the demo)."""
         return self.products.get("data_manifest", self.manifest)
 
+    def start_ahead(self, units: Sequence[Unit]) -> int:
+        """Start units of a later stage now, behind the current work (see Executor.start_ahead)."""
+        assert self.cache is not None
+        if self.fingerprints is not None:
+            self.fingerprints.save()
+        return self.executor.start_ahead(units, self.cache)
+
     def run(self, stage: str, units: Sequence[Unit]) -> list[UnitResult]:
         assert self.cache is not None
         if self.fingerprints is not None:
@@ -95,6 +102,9 @@ def _stage_result(name: str, results: Sequence[UnitResult], note: str = "",
                   items: int | None = None) -> StageResult:
     hits = sum(r.cached for r in results)
     status = "cached" if results and hits == len(results) else "done"
+    ahead = sum(r.ahead for r in results)
+    if ahead:  # their time is in an earlier stage's row
+        note = f"{note}; " * bool(note) + f"{ahead} ran during an earlier stage"
     return StageResult(name, status, items=len(results) if items is None else items, note=note,
                        cache_hits=hits, units=len(results))
 
@@ -197,8 +207,8 @@ def _reconstruct_brain(manifest: str, quick: bool, stages: dict[str, Any], subje
 
 
 def _register_templates(source: str, target: str, templates: dict[str, str], out_dir: str,
-                        preset: str, threads: int, seed: int, manifest: str | None = None
-                        ) -> dict[str, Any]:
+                        preset: str, threads: int, seed: int, manifest: str | None = None,
+                        population_preset: str = "default") -> dict[str, Any]:
     from .registration import register_templates
 
     precomputed, base = None, None
@@ -211,7 +221,7 @@ def _register_templates(source: str, target: str, templates: dict[str, str], out
         # the recipe (and so the cache entry) the demo cohort's generator uses for this pair
         from .synthetic.population import REGISTRATION_PRESETS
 
-        rs = REGISTRATION_PRESETS["default"]
+        rs = REGISTRATION_PRESETS[population_preset]
         preset_arg: Any = rs.parameters()
         extra = {"resolution_mm": rs.resolution_mm}
         threads, seed = rs.threads, rs.seed
@@ -390,6 +400,7 @@ def _segmentation(ctx: BuildContext) -> StageResult:
     init = None
     init_key = None
     note = ""
+    first: list[Unit] = []
     protocol = _segmentation_protocol(st.protocol, len(m.subjects))
     if protocol == "finetune":
         raise InputError("stages.segmentation.protocol 'finetune' needs a checkpoint, which the "
@@ -403,7 +414,7 @@ def _segmentation(ctx: BuildContext) -> StageResult:
                     {**base, "out_path": str(ckpt), "device": device, "seed": ctx.manifest.seed,
                      "threads": threads, "progress": ctx.progress},
                     init_key, directory=ckpt.parent, resources=resources)
-        ctx.run("segmentation", [unit])
+        first = [unit]  # the brains wait for it (one queue: see Executor.run)
         init = str(ckpt)
         note = "transfer: cohort model fine-tuned per brain"
     units = []
@@ -416,8 +427,9 @@ def _segmentation(ctx: BuildContext) -> StageResult:
                            "device": device, "seed": ctx.manifest.seed, "threads": threads,
                            "progress": ctx.progress},
                           key, directory=out, resources=resources,
-                          items=len(inputs[s.id]["sections"])))
-    results = ctx.run("segmentation", units)
+                          items=len(inputs[s.id]["sections"]),
+                          after=tuple(u.name for u in first)))
+    results = ctx.run("segmentation", [*first, *units])[len(first):]
     ctx.products["segmentation"] = {u.name: (u.key, u.directory) for u in units}
     return _stage_result("segmentation", results, note or f"protocol {protocol}",
                          items=sum(u.items for u in units))
@@ -454,6 +466,19 @@ def _reconstruction(ctx: BuildContext) -> StageResult:
         units.append(Unit("reconstruction", s.id, "atlasbuilder.pipeline:_reconstruct_brain",
                           {**base, "subject": s.id, "space": None, "seg_dir": str(seg_dir),
                            "out_dir": str(out), "progress": ctx.progress}, key, directory=out))
+    results = ctx.run("reconstruction", [*units, *_reference_reconstruction_units(ctx)])
+    ctx.products["reconstruction"] = {r.unit.name: (r.unit.key, r.unit.directory) for r in results}
+    return _stage_result("reconstruction", results)
+
+
+def _reference_reconstruction_units(ctx: BuildContext) -> list[Unit]:
+    """The reference brains' section series (BigBrain): they need no segmentation."""
+    m = ctx.data
+    fp = ctx.fingerprints
+    assert fp is not None
+    base = _common(ctx)
+    params = ctx.manifest.stages.reconstruction.model_dump(mode="json")
+    units = []
     for space, series in m.spaces.sections.items():
         if space not in m.spaces.reference:
             continue
@@ -465,9 +490,7 @@ def _reconstruction(ctx: BuildContext) -> StageResult:
         units.append(Unit("reconstruction", space, "atlasbuilder.pipeline:_reconstruct_brain",
                           {**base, "subject": None, "space": space, "seg_dir": None,
                            "out_dir": str(out), "progress": ctx.progress}, key, directory=out))
-    results = ctx.run("reconstruction", units)
-    ctx.products["reconstruction"] = {u.name: (u.key, u.directory) for u in units}
-    return _stage_result("reconstruction", results)
+    return units
 
 
 def _templates(ctx: BuildContext) -> dict[str, str]:
@@ -483,7 +506,14 @@ def _templates(ctx: BuildContext) -> dict[str, str]:
     return out
 
 
-def _registration(ctx: BuildContext) -> StageResult:
+def _registration_units(ctx: BuildContext, rec: dict[str, tuple[str, Path]] | None
+                        ) -> tuple[list[Unit], dict[str, Unit]]:
+    """The template pairs and each brain's registration to the primary space.
+
+    ``rec`` holds the reconstruction units' (key, directory) per brain; with ``None`` only the
+    brains registered through their own whole-brain reference (blockface/MRI) are planned: their
+    inputs do not wait for segmentation and reconstruction.
+    """
     m = ctx.data
     fp = ctx.fingerprints
     assert fp is not None
@@ -502,31 +532,77 @@ def _registration(ctx: BuildContext) -> StageResult:
     # the template pairs are registered once per space pair with the accurate recipe; a quick
     # build takes the quick one (SyN stopped at twice the resolution: ~3x faster)
     template_preset = "synquick" if ctx.quick else "syn"
+    # FSL's MNI152NLin6Asym <-> MNI152NLin2009cAsym: the recipe the demo generator places the
+    # Juelich maps with (one registration serves both; see CohortSettings.population_registration)
+    from .synthetic.cohort import CohortSettings
+
+    population_preset = (CohortSettings().quick() if ctx.quick else CohortSettings()
+                         ).population_registration
     tunits = []
     for a, b in pairs:
         missing = [x for x in (a, b) if x not in templates]
         if missing:
             raise InputError(f"no template for space {missing[0]!r}: name one under spaces.templates")
         key = content_key("templates", STAGE_FORMATS["templates"], a, b, fp.file(templates[a]),
-                          fp.file(templates[b]), seed, template_preset,
+                          fp.file(templates[b]), seed, template_preset, population_preset,
                           {k: v.model_dump() for k, v in m.spaces.transforms.items()})
         out = ctx.output / "transforms" / f"{a}__{b}"
         tunits.append(Unit("registration", f"{a}__{b}", "atlasbuilder.pipeline:_register_templates",
                            {"source": a, "target": b, "templates": templates, "out_dir": str(out),
                             "preset": template_preset, "threads": 1, "seed": seed,
-                            "manifest": str(m.path)}, key, directory=out))
-    rec = ctx.products.get("reconstruction", {})
-    units = []
+                            "manifest": str(m.path), "population_preset": population_preset},
+                           key, directory=out))
+    units: dict[str, Unit] = {}
     for s in m.subjects:
-        rkey, rdir = rec[s.id]
-        ref = {"reference": fp.file(m.resolve(s.reference))} if s.reference else {"recon": rkey}
+        if s.reference:
+            ref = {"reference": fp.file(m.resolve(s.reference))}
+            rdir = _brain_dir(ctx, s.id, "reconstruction")  # not read (the reference is)
+        elif rec is not None:
+            rkey, rdir = rec[s.id]
+            ref = {"recon": rkey}
+        else:
+            continue
         key = content_key("registration", STAGE_FORMATS["registration"], ref, params,
                           fp.file(templates[primary]), primary, seed, ctx.quick)
         out = _brain_dir(ctx, s.id, "registration")
-        units.append(Unit("registration", s.id, "atlasbuilder.pipeline:_register_brain",
-                          {**base, "subject": s.id, "recon_dir": str(rdir), "out_dir": str(out),
-                           "space": primary, "templates": templates, "threads": 1, "seed": seed},
-                          key, directory=out))
+        units[s.id] = Unit("registration", s.id, "atlasbuilder.pipeline:_register_brain",
+                           {**base, "subject": s.id, "recon_dir": str(rdir), "out_dir": str(out),
+                            "space": primary, "templates": templates, "threads": 1, "seed": seed},
+                           key, directory=out)
+    return tunits, units
+
+
+def _start_ahead(ctx: BuildContext, force: bool | str, until: str | None) -> None:
+    """Start the later stages' units whose inputs exist already, behind the segmentation.
+
+    The template pairs, the brains registered through their blockface and the reference brains'
+    reconstructions need no segmentation: on a Dask cluster they fill the workers the
+    segmentation leaves idle (its cohort model is one unit) instead of waiting for their stage.
+    A stage that is forced or not reached is left alone.
+    """
+    if not ctx.executor.distributed:
+        return
+
+    def reached(stage: str) -> bool:
+        return (force is not True and force != stage
+                and (until is None or STAGE_NAMES.index(until) >= STAGE_NAMES.index(stage)))
+
+    units: list[Unit] = []
+    if reached("registration"):
+        tunits, brains = _registration_units(ctx, None)
+        units += [*tunits, *brains.values()]
+    if reached("reconstruction"):
+        units += _reference_reconstruction_units(ctx)
+    ctx.start_ahead(units)
+
+
+def _registration(ctx: BuildContext) -> StageResult:
+    m = ctx.data
+    spaces = list(m.spaces.reference)
+    templates = _templates(ctx)
+    rec = ctx.products.get("reconstruction", {})
+    tunits, by_brain = _registration_units(ctx, rec)
+    units = [by_brain[s.id] for s in m.subjects]
     # the template pairs and the brains are independent: one queue
     results = ctx.run("registration", [*tunits, *units])
     # then each brain's labels into every space (composed through the template transforms)
@@ -748,6 +824,8 @@ def build(
             t0 = time.perf_counter()
             log.info("stage %s: %s", stage.name, stage.description)
             try:
+                if stage.name == "segmentation":
+                    _start_ahead(ctx, force, until)
                 res = stage.run(ctx)
             except AtlasBuilderError:
                 raise

@@ -145,3 +145,58 @@ def test_units_run_on_a_local_dask_cluster(tmp_path):
     # one thread per math library, and not Dask's MALLOC_TRIM_THRESHOLD_ (torch 1.7x slower)
     assert all(r.result["pools"] == [1] and r.result["malloc_trim"] is None for r in res)
     assert sorted(_calls(tmp_path)) == ["0", "1", "2", "3"]
+
+
+def toy_stamp(name: str, log: str, fail: bool = False) -> dict:
+    """A unit that appends ``start name`` / ``end name`` to a log (order of execution)."""
+    import time
+
+    with open(log, "a") as fh:
+        fh.write(f"start-{name}\n")
+    time.sleep(0.3)
+    if fail:
+        raise ZeroDivisionError("boom")
+    with open(log, "a") as fh:
+        fh.write(f"end-{name}\n")
+    return {"name": name}
+
+
+def _stamp(tmp: Path, name: str, after: tuple[str, ...] = (), fail: bool = False) -> Unit:
+    return Unit("toy", name, "tests.test_execution:toy_stamp",
+                {"name": name, "log": str(tmp / "calls.log"), "fail": fail},
+                content_key("stamp", name, fail), after=after)
+
+
+@pytest.mark.slow
+def test_units_started_ahead_are_collected_not_rerun_and_after_is_respected(tmp_path):
+    cache = UnitCache(tmp_path)
+    with Executor(2, progress=False) as ex:
+        # a later stage's unit started ahead: the stage that asks for it collects that run
+        assert ex.start_ahead([_stamp(tmp_path, "ahead")], cache) == 1
+        res = ex.run("toy", [_stamp(tmp_path, "first"), _stamp(tmp_path, "second", ("first",)),
+                             _stamp(tmp_path, "third", ("first",))], cache)
+        assert [r.result["name"] for r in res] == ["first", "second", "third"]
+        again = ex.run("toy", [_stamp(tmp_path, "ahead")], cache)
+        assert again[0].result["name"] == "ahead" and not again[0].cached  # computed by this build
+        assert ex.start_ahead([_stamp(tmp_path, "ahead")], cache) == 0  # now cached: not started
+    log = _calls(tmp_path)
+    assert log.count("start-ahead") == 1
+    assert log.index("end-first") < log.index("start-second")
+    assert log.index("end-first") < log.index("start-third")
+
+
+@pytest.mark.slow
+def test_a_unit_waiting_on_a_failed_one_is_not_run(tmp_path):
+    cache = UnitCache(tmp_path)
+    with Executor(2, progress=False) as ex, pytest.raises(Exception, match="first.*boom"):
+        ex.run("toy", [_stamp(tmp_path, "first", fail=True), _stamp(tmp_path, "second", ("first",))],
+               cache)
+    assert "start-second" not in _calls(tmp_path)
+
+
+def test_without_dask_nothing_starts_ahead_and_after_is_the_order(tmp_path):
+    cache = UnitCache(tmp_path)
+    ex = Executor(1, progress=False)
+    assert ex.start_ahead([_stamp(tmp_path, "ahead")], cache) == 0
+    ex.run("toy", [_stamp(tmp_path, "first"), _stamp(tmp_path, "second", ("first",))], cache)
+    assert _calls(tmp_path) == ["start-first", "end-first", "start-second", "end-second"]
