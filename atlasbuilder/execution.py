@@ -327,17 +327,14 @@ class Executor:
         """
         if not self.distributed:
             return 0
-        client = self._ensure_client()
-        started = 0
-        for u in units:
-            k = self._ahead_key(u)
-            if k in self._ahead or cache.lookup(u) is not None:
-                continue
-            self._ahead[k] = self._submit(client, u, cache, priority=-10)
-            started += 1
-        if started:
-            log.info("started %d units ahead of their stage", started)
-        return started
+        todo = [u for u in units
+                if self._ahead_key(u) not in self._ahead and cache.lookup(u) is None]
+        if todo:  # (no cluster is started for nothing)
+            client = self._ensure_client()
+            for u in todo:
+                self._ahead[self._ahead_key(u)] = self._submit(client, u, cache, priority=-10)
+            log.info("started %d units ahead of their stage", len(todo))
+        return len(todo)
 
     def run(self, stage: str, units: Sequence[Unit], cache: UnitCache) -> list[UnitResult]:
         """Run the units that are not cached; return every unit's result, in order."""
