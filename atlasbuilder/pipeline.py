@@ -873,7 +873,8 @@ def _provenance(ctx: BuildContext, m: Any, mpath: Path, quick: bool, until: str 
                                    "sha256": sha256_file(ctx.data.path)}
     inputs["files"] = len(ctx.fingerprints._known)
     units = {stage: [{"unit": r.unit.name, "key": r.unit.key, "cached": r.cached,
-                      "seconds": round(r.seconds, 3), "computed_seconds": round(r.computed_seconds, 3)}
+                      "seconds": round(r.seconds, 3), "computed_seconds": round(r.computed_seconds, 3),
+                      "ahead": r.ahead}
                      for r in rs]
              for stage, rs in ctx.products.get("unit_results", {}).items()}
     provenance = {

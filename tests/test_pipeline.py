@@ -309,6 +309,9 @@ def test_build_on_a_dask_scheduler_gives_the_same_atlas(small_manifest, small_re
         _assert_same_atlas(small_reference, out)
         prov = load_atlas(out).provenance
         assert prov["scheduler"] == address
+        # the brains' registrations (through their blockface) ran during the segmentation
+        assert all(u["ahead"] for u in prov["units"]["registration"] if u["unit"] in ("B01", "B02"))
+        assert not any(u["ahead"] for u in prov["units"]["segmentation"])
         # the units ran in the two workers, not in the build's process
         ran = {json.loads(f.read_text())["worker"]["pid"]
                for f in (out / ".units").glob("*--*.json")}
