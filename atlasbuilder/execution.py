@@ -17,7 +17,9 @@ Crash safety (a build may be killed at any moment, ``kill -9`` included):
 
 Execution: in this process (``workers=1``), on a local Dask cluster sized to the machine, or on
 an existing ``dask.distributed`` scheduler. Units return small dicts; volumes travel as files
-(NIfTI, zarr) on the shared filesystem, never through the scheduler.
+(NIfTI, zarr) on the shared filesystem, never through the scheduler. On Dask, a unit may wait for
+units of its own run inside the scheduler (``Unit.after``), and units of a later stage whose inputs
+are ready may be started ahead of it, behind everything else (:meth:`Executor.start_ahead`).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class Unit:
     resources: dict[str, float] | None = None  # Dask resources (e.g. {"GPU": 1})
     items: int = 1  # for the summary (sections, brains, ...)
     note: str = ""
-    after: tuple[str, ...] = ()  # names of units of the same run that must finish first
+    after: tuple[str, ...] = ()  # names of units earlier in the same run that must finish first
 
 
 @dataclass
