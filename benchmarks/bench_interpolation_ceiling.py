@@ -34,12 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _default_cohort() -> Path:
-    found = sorted((Path.home() / ".cache/atlasbuilder/cohorts").glob("demo-*/manifest.yaml"))
-    if not found:
-        sys.exit("no demo cohort under ~/.cache/atlasbuilder/cohorts (run `atlasbuilder synth` first)")
-    return found[0].parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _pairs(ys: list[float], protocol: str) -> list[tuple[float, float, float]]:
@@ -107,6 +102,8 @@ def main() -> None:
     ap.add_argument("--cohort", type=Path, default=None)
     ap.add_argument("--subjects", nargs="*", default=["B01", "B02", "B03"])
     args = ap.parse_args()
+    from bench_reconstruction_demo import _default_cohort
+
     cohort = args.cohort or _default_cohort()
     print(f"cohort {cohort}, brains {' '.join(args.subjects)}")
     for protocol in ("left-out", "between"):
