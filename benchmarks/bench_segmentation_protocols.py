@@ -27,6 +27,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared, oversubscribed CPU 2 threads ran ~10x slower)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a StageSettings field, e.g. --set positions=True (repeatable)")
     ap.add_argument("--work", default=None, help="keep outputs here (default: a temporary directory)")
     args = ap.parse_args()
 
@@ -100,6 +103,14 @@ def main() -> None:
     ids = args.brains.split(",") if args.brains else [s.id for s in manifest.subjects]
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-seg-"))
     st = StageSettings()
+    for kv in args.set:
+        key, _, value = kv.partition("=")
+        if not hasattr(st, key):
+            raise SystemExit(f"--set {kv}: StageSettings has no field {key!r}")
+        old = getattr(st, key)
+        new = (value.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(value)
+        st = replace(st, **{key: new})
+    print(f"settings: {st}", flush=True)
     results: dict[str, dict] = {}
     for protocol in args.protocols.split(","):
         t0 = time.perf_counter()
@@ -118,7 +129,7 @@ def main() -> None:
                 segment_subject(manifest, sid, out, init_checkpoint=base / "cohort_model.pt", settings=st,
                                 progress=False)
             elif protocol == "scratch":
-                segment_subject(manifest, sid, out, settings=StageSettings(protocol="scratch"),
+                segment_subject(manifest, sid, out, settings=replace(st, protocol="scratch"),
                                 progress=False)
             elif protocol == "transfer":
                 ck = base / f"cohort_without_{sid}.pt"
@@ -130,9 +141,9 @@ def main() -> None:
                 if not ck.exists():
                     _pretrain(manifest, sid, ck, st)
                 segment_subject(manifest, sid, out, init_checkpoint=ck,
-                                settings=StageSettings(protocol="finetune",
-                                                       finetune_iterations=st.scratch_iterations,
-                                                       finetune_lr=st.scratch_lr), progress=False)
+                                settings=replace(st, protocol="finetune",
+                                                 finetune_iterations=st.scratch_iterations,
+                                                 finetune_lr=st.scratch_lr), progress=False)
             else:
                 raise SystemExit(f"unknown protocol {protocol}")
             res["minutes"][sid] = (time.perf_counter() - tb) / 60
@@ -168,8 +179,10 @@ def _pretrain(manifest: Any, sid: str, path: Path, st: Any) -> None:
         if n in sub.annotations:
             continue
         img = _read_image(p)
-        imgs.append(np.concatenate([img, position_channels(img.shape[1:], _frame_of_array(img),
-                                                            sub.positions[n])]))
+        if st.positions:
+            img = np.concatenate([img, position_channels(img.shape[1:], _frame_of_array(img),
+                                                         sub.positions[n])])
+        imgs.append(img)
     cfg = PretrainingConfig(patch_size=st.patch_size, width=st.width, depth=st.depth, context=st.context,
                             max_iterations=st.scratch_iterations // 2)
     model, _ = pretrain(imgs, config=cfg, progress=False)
