@@ -360,6 +360,18 @@ def test_individual_is_deterministic(population, individual):
     assert other.transform.scales != individual.transform.scales
 
 
+def test_grey_matter_only_keeps_areas_in_grey_matter(population, individual):
+    gm = population.sample_individual(5, labels_only=True, grey_matter_only=True)
+    lt, t = gm.labels_target.labels.values, population.tissue["tissue"].values
+    assert lt.any() and np.all(t[lt > 0] == GREY_MATTER)
+    ls, ts = gm.labels.labels.values, gm.tissue.tissue.values
+    assert ls.any() and np.all(ts[ls > 0] == GREY_MATTER)
+    # the same layout, cut to grey matter; the default keeps the layout's margin around it
+    full = individual.labels_target.labels.values
+    np.testing.assert_array_equal(lt, np.where(t == GREY_MATTER, full, 0))
+    assert np.any(t[full > 0] != GREY_MATTER)
+
+
 @pytest.mark.slow
 def test_fast_registration_is_reproducible(population, tmp_path):
     again = juelich_maps_in_target(registration="fast", cache_dir=tmp_path)

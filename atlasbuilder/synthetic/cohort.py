@@ -40,7 +40,7 @@ log = logging.getLogger("atlasbuilder")
 
 __all__ = ["COHORT_FORMAT", "CohortSettings", "generate_cohort"]
 
-COHORT_FORMAT = 2
+COHORT_FORMAT = 3
 TARGET = "MNI152NLin2009cAsym"
 BIGBRAIN = "BigBrain"
 
@@ -160,7 +160,8 @@ def _make_brain(job: dict[str, Any]) -> dict[str, Any]:
     sid: str = job["id"]
     seed: int = job["seed"]
     px, spacing = job["pixel_size_mm"], job["spacing_mm"]
-    ind = population.sample_individual(seed, subject_id=sid)
+    # areas in grey matter only: the sections show them there, so the 3-D truth must agree
+    ind = population.sample_individual(seed, subject_id=sid, grey_matter_only=True)
     tissue = ind.tissue["tissue"].values
     labels = ind.labels["labels"].values
     affine = _affine(ind.labels)
@@ -513,7 +514,7 @@ Generated with seed {s.seed}; never read by `atlasbuilder build`. Use it to scor
 | --- | --- |
 | `pmaps/<space>/<region-key>.nii.gz` | the cohort's true probability map of each hemisphere area (fraction of brains, float32) in `{TARGET}` and `{BIGBRAIN}` |
 | `mpm/<space>.nii.gz`, `mpm/<space>.tsv` | the true maximum probability map (region id per voxel, 0 none; ties to the lower id) and its label table (columns index, key) |
-| `subjects/<id>/labels_subject.nii.gz` | the brain's true 3-D area labels (region ids) in its own space (`subject:<id>`, 1 mm) |
+| `subjects/<id>/labels_subject.nii.gz` | the brain's true 3-D area labels (region ids) in its own space (`subject:<id>`, 1 mm), on its grey-matter voxels only, as the sections show them |
 | `subjects/<id>/labels_{TARGET}.nii.gz` | the same labels in the target space (exact: the layout was drawn there) |
 | `subjects/<id>/labels_{BIGBRAIN}.nii.gz` | the same labels in the demo's BigBrain space (the reference brain's own space) |
 | `subjects/<id>/transform.npz` | the true point maps: `to_target(x) = y + displacement(y)` with `y = affine @ x` (subject mm -> target mm), `to_subject(t) = inv(affine) @ (t + inverse_displacement(t))`; fields (component, x, y, z; float16) in mm on the grid `origin` + `spacing` * index. Images move the other way. |
