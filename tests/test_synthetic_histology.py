@@ -184,6 +184,22 @@ def test_areas_have_equal_mean_intensity(phantom, rendered):
     assert gm + 40 < wm < bg - 10 and bg > 225  # dark cortex, pale white matter, bright slide
 
 
+def test_density_gain_darkens_one_area_only(phantom, rendered):
+    tissue, area, keys, profiles, *_ = phantom
+    key = next(iter(keys.values()))
+    darker = {**profiles, key: replace(profiles[key], density_gain=1.5)}
+    img = render_section(tissue, area, darker, keys, PX, rng=7)
+    masks = area_masks(phantom)
+    core = ndimage.binary_erosion(masks[key], iterations=5)  # away from the blended border
+    others = [k for k in masks if k != key]
+    assert img[core].mean() < rendered[core].mean() - 10
+    for k in others:
+        inner = ndimage.binary_erosion(masks[k], iterations=5)
+        assert abs(img[inner].mean() - rendered[inner].mean()) < 4.0  # cell noise only
+    with pytest.raises(InputError, match="density_gain"):
+        replace(profiles[key], density_gain=0.0)
+
+
 def depth_profile(image, mask, depth, bins):
     idx = np.digitize(depth[mask], bins) - 1
     vals = image[mask].astype(float)

@@ -146,6 +146,11 @@ class LaminarProfile:
     cortex_thickness : float
         Typical cortical thickness of the area relative to generic cortex (hOc1 is thin): a hint
         for the population model; rendering uses the thickness found in the tissue image.
+    density_gain : float
+        Overall cell density of the area relative to the common mean that every section is
+        calibrated to (1 for every built-in profile, so areas cannot be told apart by
+        brightness). Other values make an area lighter or darker: a diagnostic
+        (``benchmarks/bench_phantom_noise.py --brightness``), not the demo.
 
     Examples
     --------
@@ -162,6 +167,7 @@ class LaminarProfile:
     clustering: float = 0.3
     columns: float = 0.2
     cortex_thickness: float = 1.0
+    density_gain: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("thickness", "density", "cell_size_mm"):
@@ -181,6 +187,9 @@ class LaminarProfile:
         if not (0 <= self.clustering <= 1 and 0 <= self.columns <= 1 and self.cortex_thickness > 0):
             raise InputError(f"LaminarProfile {self.key!r}: clustering and columns must be in [0, 1] "
                              f"and cortex_thickness > 0")
+        if not self.density_gain > 0:
+            raise InputError(f"LaminarProfile {self.key!r}: density_gain must be > 0, "
+                             f"got {self.density_gain}")
 
     @property
     def boundaries(self) -> np.ndarray:
@@ -680,6 +689,8 @@ def _render_od(t: np.ndarray, a: np.ndarray, depth: np.ndarray, gm: np.ndarray, 
         expected = float(table[own].sum(axis=1).mean()) if own.size else 0.0
         if expected > 0:
             table *= np.float32(np.clip(_CELL_MEAN_OD / expected, 0.6, 1.6))
+        if prof.density_gain != 1.0:
+            table *= np.float32(prof.density_gain)
         class_od[near] += w[near, None] * table[dbin[near]]
         clus[near] += w[near] * prof.clustering
         cols[near] += w[near] * prof.columns
