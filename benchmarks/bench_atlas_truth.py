@@ -1,0 +1,175 @@
+"""A built demo atlas against its cohort's truth: issue 6's acceptance figures, end to end.
+
+``bench_aggregation_demo.py`` aggregates the cohort's *true* 3-D labels, so it checks the
+aggregation alone. This script reads an atlas that ``atlasbuilder build`` made from a demo cohort
+(segmentation, reconstruction, registration and aggregation all real) and compares, per area and
+reference space:
+
+- the probability map with ``truth/pmaps/<space>/<area>.nii.gz``: voxelwise Pearson r (target >= 0.9);
+- the maximum probability map with ``truth/mpm/<space>.nii.gz``: Dice per area (target >= 0.8);
+- the mean volume (``stats/area_summary.csv``) with the mean of the brains' true volumes (within 10 %);
+- the group centroid with the mean of the brains' true centroids (within 2 mm).
+
+Truth and atlas grids may differ: the truth is resampled onto the atlas grid (linear for
+probabilities, nearest for labels) before comparing.
+
+``--oracle-manifest DIR`` writes, instead, a manifest of the same cohort whose annotations are the
+true labels of *every* section (symbolic links, the cohort is not touched). Building it gives the
+atlas a perfect segmentation, so the figures then measure what reconstruction, registration and
+aggregation alone leave of the targets::
+
+    python benchmarks/bench_atlas_truth.py ATLAS_DIR                       # cohort from provenance
+    python benchmarks/bench_atlas_truth.py --oracle-manifest /tmp/oracle [--cohort COHORT_DIR]
+    atlasbuilder build /tmp/oracle/manifest.yaml -o /tmp/oracle-atlas
+    python benchmarks/bench_atlas_truth.py /tmp/oracle-atlas
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+def _fail(message: str) -> None:
+    """A usage/input error: one line on stderr, exit code 2."""
+    print(f"bench_atlas_truth: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def cohort_of(atlas_dir: Path) -> Path:
+    if not (atlas_dir / "provenance.json").is_file():
+        _fail(f"{atlas_dir} is not a built atlas directory (no provenance.json)")
+    prov = json.loads((atlas_dir / "provenance.json").read_text())
+    inputs = prov.get("inputs", {})
+    entry = inputs.get("data_manifest") or inputs.get("manifest")
+    if not entry:
+        _fail(f"{atlas_dir}/provenance.json names no manifest; pass --cohort")
+    cohort = Path(entry["path"]).resolve().parent
+    if not (cohort / "truth" / "pmaps").is_dir():
+        _fail(f"{cohort} has no truth/pmaps: not a demo cohort; pass --cohort")
+    return cohort
+
+
+def write_oracle_manifest(cohort: Path, out: Path) -> Path:
+    """A manifest of ``cohort`` whose every section is annotated with its true labels."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        _fail(f"{out} exists and is not empty: give a new directory for the oracle manifest")
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in cohort.iterdir():
+        if entry.name in ("annotations", "manifest.yaml"):
+            continue
+        os.symlink(entry.resolve(), out / entry.name)
+    (out / "annotations").mkdir()
+    for sdir in sorted((cohort / "truth" / "subjects").iterdir()):
+        if (sdir / "sections").is_dir():
+            os.symlink((sdir / "sections").resolve(), out / "annotations" / sdir.name)
+    shutil.copy(cohort / "manifest.yaml", out / "manifest.yaml")
+    return out / "manifest.yaml"
+
+
+def _on_grid(img: nib.Nifti1Image, shape: tuple[int, ...], affine: np.ndarray, order: int) -> np.ndarray:
+    from scipy import ndimage
+
+    data = np.asanyarray(img.dataobj)
+    if data.shape[:3] == tuple(shape) and np.allclose(img.affine, affine, atol=1e-4):
+        return np.asarray(data)
+    m = np.linalg.inv(img.affine) @ affine
+    return ndimage.affine_transform(np.asarray(data, dtype=np.float32), m[:3, :3], m[:3, 3],
+                                    output_shape=tuple(shape), order=order, mode="constant")
+
+
+def compare(atlas_dir: Path, cohort: Path) -> bool:
+    from atlasbuilder import load_atlas
+
+    if not (cohort / "truth" / "pmaps").is_dir():
+        _fail(f"{cohort} has no truth/pmaps: not a demo cohort")
+
+    atlas = load_atlas(atlas_dir)
+    truth = cohort / "truth"
+    summ = atlas.statistics()["area_summary"]
+    brains = sorted(p.name for p in (truth / "subjects").iterdir() if p.is_dir() and p.name != "BigBrain")
+    ok_all = True
+    print(f"atlas {atlas_dir} against cohort {cohort} ({len(brains)} brains)")
+    for space in [s for s in ("MNI152NLin2009cAsym", "BigBrain") if (truth / "pmaps" / s).is_dir()]:
+        try:
+            sm = atlas.space_maps(space)
+        except Exception:  # a space the build did not make
+            print(f"\n{space}: not in the atlas")
+            continue
+        shape, affine = tuple(sm.grid.shape), np.asarray(sm.grid.affine)
+        vv = float(abs(np.linalg.det(affine[:3, :3])))
+        mpm = atlas.mpm(space).values
+        true_mpm = _on_grid(nib.load(str(truth / "mpm" / f"{space}.nii.gz")), shape, affine, 0)
+        labs = np.stack([_on_grid(nib.load(str(truth / "subjects" / b / f"labels_{space}.nii.gz")),
+                                  shape, affine, 0) for b in brains])
+        print(f"\n{space}")
+        print(f"{'area':<14}{'r(pmap)':>9}{'MPM Dice':>10}{'vol atlas':>11}{'vol true':>10}{'dvol%':>7}"
+              f"{'centroid d(mm)':>16}")
+        rows = []
+        for rid, region in zip(sm.region_ids, [atlas.regions.get(i) for i in sm.region_ids], strict=True):
+            key = region.key
+            tp = truth / "pmaps" / space / f"{key}.nii.gz"
+            if not tp.is_file():
+                continue
+            ours = atlas.probability_map(key, space).values.astype(np.float64)
+            ref = _on_grid(nib.load(str(tp)), shape, affine, 1).astype(np.float64)
+            r = float(np.corrcoef(ours.ravel(), ref.ravel())[0, 1])
+            m1, m2 = mpm == rid, true_mpm == rid
+            dice = 2 * float((m1 & m2).sum()) / max(float(m1.sum() + m2.sum()), 1.0)
+            vols = (labs == rid).sum(axis=(1, 2, 3)) * vv
+            vtrue = float(vols.mean())
+            cents = [nib.affines.apply_affine(affine, np.argwhere(lab == rid).mean(axis=0))
+                     for lab in labs if (lab == rid).any()]
+            ctrue = np.mean(cents, axis=0)
+            row = summ[(summ.area == key) & (summ.space == space)]
+            if row.empty:
+                print(f"{key:<14} not in stats/area_summary.csv")
+                ok_all = False
+                continue
+            row = row.iloc[0]
+            vat = float(row.volume_mean_mm3)
+            cat = np.array([row.centroid_x_mm, row.centroid_y_mm, row.centroid_z_mm], dtype=float)
+            dv = 100 * (vat - vtrue) / vtrue if vtrue else float("nan")
+            dc = float(np.linalg.norm(cat - ctrue))
+            good = r >= 0.9 and dice >= 0.8 and abs(dv) <= 10 and dc <= 2
+            ok_all &= good
+            rows.append((r, dice, abs(dv), dc))
+            print(f"{key:<14}{r:>9.3f}{dice:>10.3f}{vat:>11.0f}{vtrue:>10.0f}{dv:>7.1f}{dc:>16.2f}"
+                  f"{'' if good else '  MISSED'}")
+        if rows:
+            a = np.array(rows)
+            print(f"{'mean':<14}{a[:, 0].mean():>9.3f}{a[:, 1].mean():>10.3f}{'':>21}"
+                  f"{a[:, 2].mean():>7.1f}{a[:, 3].mean():>16.2f}   (|dvol%| mean)")
+    print(f"\ntargets (r >= 0.9, MPM Dice >= 0.8, volumes within 10 %, centroids within 2 mm): "
+          f"{'met' if ok_all else 'MISSED'}")
+    return ok_all
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("atlas", type=Path, nargs="?")
+    ap.add_argument("--cohort", type=Path, default=None)
+    ap.add_argument("--oracle-manifest", type=Path, default=None, metavar="DIR")
+    args = ap.parse_args()
+    if args.oracle_manifest:
+        if args.cohort is None:
+            from bench_aggregation_demo import find_cohort
+
+            args.cohort = find_cohort()
+        path = write_oracle_manifest(args.cohort.resolve(), args.oracle_manifest)
+        print(f"wrote {path}: every section of {args.cohort} annotated with its true labels")
+        return
+    if args.atlas is None:
+        ap.error("give an ATLAS directory or --oracle-manifest DIR")
+    compare(args.atlas, args.cohort or cohort_of(args.atlas))
+
+
+if __name__ == "__main__":
+    main()
