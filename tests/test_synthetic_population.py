@@ -370,6 +370,9 @@ def test_grey_matter_only_keeps_areas_in_grey_matter(population, individual):
     full = individual.labels_target.labels.values
     np.testing.assert_array_equal(lt, np.where(t == GREY_MATTER, full, 0))
     assert np.any(t[full > 0] != GREY_MATTER)
+    # the module-level function passes the option on
+    again = sample_individual(5, population=population, grey_matter_only=True)
+    np.testing.assert_array_equal(again.labels_target.labels.values, lt)
 
 
 @pytest.mark.slow

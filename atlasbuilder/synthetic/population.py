@@ -1284,6 +1284,7 @@ def sample_individual(
     cache_dir: str | Path | None = None,
     progress: bool = False,
     population: Population | None = None,
+    grey_matter_only: bool = False,
 ) -> Individual:
     """One synthetic brain, entirely determined by ``seed``.
 
@@ -1313,6 +1314,9 @@ def sample_individual(
         A prepared :class:`Population` (from :func:`prepare_population`) to reuse for many brains;
         ``areas``, ``space``, ``registration``, ``cache_dir`` and ``smoothness_mm`` are then
         taken from it (and must be left at their defaults).
+    grey_matter_only
+        Keep area labels on grey matter only (see :meth:`Population.sample_individual`; the
+        demo cohort does).
 
     Returns
     -------
@@ -1325,4 +1329,5 @@ def sample_individual(
           or cache_dir is not None or smoothness_mm != 6.0):
         raise InputError("pass either a prepared population or areas/space/registration/cache_dir/"
                          "smoothness_mm, not both")
-    return population.sample_individual(seed, warp_mm=warp_mm, scale=scale, rotation_deg=rotation_deg)
+    return population.sample_individual(seed, warp_mm=warp_mm, scale=scale, rotation_deg=rotation_deg,
+                                         grey_matter_only=grey_matter_only)
