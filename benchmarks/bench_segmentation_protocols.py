@@ -10,6 +10,10 @@ against ``truth/subjects/<id>/sections/<name>.png``, mean over the areas present
   (leave-one-out), fine-tuned on the brain's own annotations;
 - ``build``        : the build's protocol (``auto``): one cohort model on ALL brains' annotations,
   fine-tuned per brain (what ``atlasbuilder segment`` does).
+- ``dense``        : a diagnostic, not a protocol: a cohort model trained on the TRUE labels of
+  every ``--dense-every``-th section of the brains NOT in ``--brains`` (far more annotations than
+  any lab has), fine-tuned on each scored brain's own 2 annotated sections. It measures whether
+  the demo's textures can be told apart at all given plenty of examples; ``--brains`` is required.
 
 Usage::
 
@@ -17,6 +21,8 @@ Usage::
     nice python benchmarks/bench_segmentation_protocols.py --cohort default --protocols build
     nice python benchmarks/bench_segmentation_protocols.py --cohort quick \
         --protocols scratch,pretrain,transfer --brains B01,B02,B03
+    nice python benchmarks/bench_segmentation_protocols.py --cohort default --protocols dense \
+        --brains B09,B10
 
 Prints a per-brain and per-area table and minutes per brain; ``--json`` writes the numbers.
 """
@@ -83,7 +89,13 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a StageSettings field, e.g. --set positions=True (repeatable)")
     ap.add_argument("--work", default=None, help="keep outputs here (default: a temporary directory)")
+    ap.add_argument("--dense-every", type=int, default=3,
+                    help="dense protocol: train on every k-th section of the other brains (default 3)")
     args = ap.parse_args()
+    if "dense" in args.protocols.split(",") and not args.brains:
+        ap.error("the dense protocol trains on the brains not scored: give --brains")
+    if args.dense_every < 1:
+        ap.error("--dense-every must be at least 1")
 
     import torch
 
@@ -116,16 +128,19 @@ def main() -> None:
         t0 = time.perf_counter()
         res: dict = {"brains": {}, "minutes": {}}
         base = work / protocol
-        if protocol == "build":
+        if protocol in ("build", "dense"):
             tc = time.perf_counter()
             ck = base / "cohort_model.pt"
-            if not ck.exists():
+            if not ck.exists() and protocol == "build":
                 train_cohort_model(manifest, ck, settings=st, progress=False)
+            elif not ck.exists():
+                dense = load_manifest(_dense_manifest(cohort, base / "manifest", args.dense_every))
+                train_cohort_model(dense, ck, exclude=ids, settings=st, progress=True)
             res["cohort_model_min"] = (time.perf_counter() - tc) / 60
         for sid in ids:
             tb = time.perf_counter()
             out = base / sid
-            if protocol == "build":
+            if protocol in ("build", "dense"):
                 segment_subject(manifest, sid, out, init_checkpoint=base / "cohort_model.pt", settings=st,
                                 progress=False)
             elif protocol == "scratch":
@@ -156,6 +171,27 @@ def main() -> None:
     _table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def _dense_manifest(cohort: Path, out: Path, every: int) -> Path:
+    """A copy of the cohort's manifest (symlinked data) whose brains have every ``every``-th
+    section annotated with its true labels."""
+    import os
+    import shutil
+
+    if (out / "manifest.yaml").is_file():
+        return out / "manifest.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in cohort.iterdir():
+        if entry.name not in ("annotations", "manifest.yaml"):
+            os.symlink(entry.resolve(), out / entry.name)
+    for sdir in sorted((cohort / "truth" / "subjects").iterdir()):
+        files = sorted((sdir / "sections").glob("*.png")) if (sdir / "sections").is_dir() else []
+        (out / "annotations" / sdir.name).mkdir(parents=True)
+        for f in files[::every]:
+            os.symlink(f.resolve(), out / "annotations" / sdir.name / f.name)
+    shutil.copy(cohort / "manifest.yaml", out / "manifest.yaml")
+    return out / "manifest.yaml"
 
 
 def _fewer_annotations(manifest: Any, n: int) -> Any:

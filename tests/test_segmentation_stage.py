@@ -260,6 +260,30 @@ def test_unet_input_pool_keeps_shape() -> None:
     assert net.multiple == 4
 
 
+def test_unet_unshuffle_sees_texture_finer_than_a_block(tmp_path: Path) -> None:
+    from atlasbuilder.segmentation.networks import UNet
+    from atlasbuilder.segmentation.training import SegmentationModel, load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    flat = torch.full((1, 1, 16, 16), 0.5)
+    checker = (torch.arange(16)[:, None] + torch.arange(16)[None, :]).remainder(2).float()[None, None]
+    assert torch.equal(torch.nn.functional.avg_pool2d(checker, 4), torch.nn.functional.avg_pool2d(flat, 4))
+    avg = UNet(1, 3, depth=2, width=4, input_pool=4).eval()
+    assert torch.allclose(avg(flat), avg(checker))  # block means hide the pattern
+    net = UNet(1, 3, depth=2, width=4, input_pool=4, input_mode="unshuffle").eval()
+    assert net(checker).shape == (1, 3, 16, 16) and net(torch.zeros(1, 1, 13, 7)).shape == (1, 3, 13, 7)
+    assert not torch.allclose(net(flat), net(checker))
+    # the mode travels with the checkpoint
+    model = SegmentationModel(net, ["background", "a", "b"], [0.0], [1.0], patch_size=16)
+    again = load_checkpoint(save_checkpoint(model, tmp_path / "m.pt"))
+    assert again.net.config["input_mode"] == "unshuffle"
+    assert torch.allclose(again.net(checker), net(checker))
+    with pytest.raises(InputError, match="input_mode"):
+        UNet(1, 3, input_mode="max")
+    with pytest.raises(InputError, match="input_mode"):
+        StageSettings(input_mode="max").training_config(10, 1e-3)
+
+
 def test_augment_leaves_position_channels() -> None:
     from atlasbuilder.segmentation.data import Augmentation, augment
 

@@ -99,6 +99,9 @@ class TrainingConfig:
     input_pool
         The network works on ``input_pool`` x ``input_pool`` block averages (see
         :class:`~.networks.UNet`); ``patch_size`` must be a multiple of ``input_pool * 2**(depth - 1)``.
+    input_mode
+        ``"average"`` (block means) or ``"unshuffle"`` (blocks as channels; see
+        :class:`~.networks.UNet`).
     overlap
         Window overlap when validating (and recommended for prediction).
     augmentation
@@ -123,6 +126,7 @@ class TrainingConfig:
     context: bool = True
     context_size: int = 64
     input_pool: int = 1
+    input_mode: str = "average"
     overlap: float = 0.25
     augmentation: Augmentation = field(default_factory=Augmentation)
 
@@ -133,6 +137,10 @@ class TrainingConfig:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if int(self.input_pool) < 1:
             raise InputError(f"input_pool must be at least 1, got {self.input_pool!r}")
+        from .networks import INPUT_MODES
+
+        if self.input_mode not in INPUT_MODES:
+            raise InputError(f"input_mode must be one of {INPUT_MODES}, got {self.input_mode!r}")
         m = 2 ** (self.depth - 1) * int(self.input_pool)
         if self.patch_size % m:
             raise InputError(f"patch_size ({self.patch_size}) must be a multiple of "
@@ -477,7 +485,8 @@ def _initial_model(init: str | os.PathLike[str] | SegmentationModel | None, new_
     if init is None:
         net = UNet(channels, len(classes), depth=cfg.depth, width=cfg.width, norm=cfg.norm,
                    dropout=cfg.dropout, context_channels=channels + 2 if cfg.context else 0,
-                   context_size=cfg.context_size, input_pool=cfg.input_pool)
+                   context_size=cfg.context_size, input_pool=cfg.input_pool,
+                   input_mode=cfg.input_mode)
         return SegmentationModel(net, classes, mean, std, patch_size=cfg.patch_size, overlap=cfg.overlap)
     if isinstance(init, SegmentationModel):
         meta, state, where = init.metadata(), init.net.state_dict(), Path("<model>")
