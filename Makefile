@@ -37,7 +37,7 @@ typecheck: setup
 
 # the whole suite: lint, types, tests (slow ones and notebooks included), coverage
 test: lint typecheck
-	$(BIN)/python -m pytest --cov=atlasbuilder --cov-report=term-missing:skip-covered
+	$(BIN)/python -m pytest --cov=atlasbuilder --cov-report=term-missing:skip-covered --durations=15
 
 bench: setup
 	$(BIN)/python benchmarks/bench_query.py

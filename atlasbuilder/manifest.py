@@ -67,6 +67,7 @@ __all__ = [
     "FORMAT_VERSION",
     "QUICK_EPOCHS",
     "QUICK_VOXEL_SIZE_MM",
+    "QUICK_WIDTH",
     "AnnotationSet",
     "AtlasInfo",
     "Manifest",
@@ -90,6 +91,9 @@ QUICK_EPOCHS = 3
 
 QUICK_VOXEL_SIZE_MM = 1.0
 """Reconstruction voxel size at least in quick mode (:meth:`Manifest.quick`)."""
+
+QUICK_WIDTH = 8
+"""Feature maps of the segmentation network at most in quick mode (:meth:`Manifest.quick`)."""
 
 BUILTIN_MANIFESTS = {"demo": "demo.yaml", "template": "template.yaml"}
 
@@ -298,6 +302,7 @@ class SegmentationSettings(_Model):
     overlap: Annotated[float, Field(ge=0, lt=1)] = 0.25
     epochs: Annotated[int, Field(ge=0)] = 40
     batch_size: Annotated[int, Field(ge=1)] = 8
+    width: Annotated[int, Field(ge=1, le=512)] = 32
     device: Annotated[str, AfterValidator(_device)] = "auto"
     tta: bool = False
 
@@ -486,13 +491,15 @@ class Manifest(_Model):
         """A copy with the quick settings: fewer synthetic brains and faster stages.
 
         The synthetic cohort shrinks to ``synthetic.quick_subjects`` brains; training runs at
-        most :data:`QUICK_EPOCHS` epochs without test-time augmentation; reconstruction uses
+        most :data:`QUICK_EPOCHS` epochs with a network of at most :data:`QUICK_WIDTH` feature
+        maps and without test-time augmentation; reconstruction uses
         voxels of at least :data:`QUICK_VOXEL_SIZE_MM`; SyN registration becomes ``synquick``.
         Real subjects are all kept. Settings already faster than these are left alone.
         """
         st = self.stages
         seg = st.segmentation.model_copy(
-            update={"epochs": min(st.segmentation.epochs, QUICK_EPOCHS), "tta": False}
+            update={"epochs": min(st.segmentation.epochs, QUICK_EPOCHS),
+                    "width": min(st.segmentation.width, QUICK_WIDTH), "tta": False}
         )
         rec = st.reconstruction.model_copy(
             update={"voxel_size_mm": max(st.reconstruction.voxel_size_mm, QUICK_VOXEL_SIZE_MM)}

@@ -9,6 +9,7 @@ import pytest
 from atlasbuilder.errors import InputError, ManifestError
 from atlasbuilder.manifest import (
     QUICK_EPOCHS,
+    QUICK_WIDTH,
     Manifest,
     builtin_manifest_path,
     load_manifest,
@@ -531,6 +532,7 @@ def test_quick_gives_fewer_brains_and_faster_settings() -> None:
     assert q.synthetic is not None and m.synthetic is not None
     assert q.synthetic.subjects == 3 < m.synthetic.subjects == 10
     assert q.stages.segmentation.epochs == QUICK_EPOCHS < m.stages.segmentation.epochs
+    assert q.stages.segmentation.width == QUICK_WIDTH < m.stages.segmentation.width
     assert q.stages.reconstruction.voxel_size_mm > m.stages.reconstruction.voxel_size_mm
     assert q.stages.registration.preset == "synquick"
     assert q.is_quick and not m.is_quick

@@ -293,3 +293,16 @@ def test_augment_leaves_position_channels() -> None:
     out, _, _ = augment(x.clone(), y, None, Augmentation(flips=False, intensity_channels=1), g)
     assert torch.equal(out[:, 1:], x[:, 1:])
     assert not torch.equal(out[:, :1], x[:, :1])
+
+
+def test_settings_from_manifest_takes_width_and_quick_caps_it() -> None:
+    from atlasbuilder.manifest import QUICK_WIDTH, builtin_manifest_path
+    from atlasbuilder.segmentation.stage import settings_from_manifest
+
+    m = load_manifest(builtin_manifest_path("demo"))
+    assert settings_from_manifest(m).width == m.stages.segmentation.width == 32
+    assert settings_from_manifest(m.quick()).width == QUICK_WIDTH
+    wide = m.model_copy(update={"stages": m.stages.model_copy(update={
+        "segmentation": m.stages.segmentation.model_copy(update={"width": 64})})})
+    assert settings_from_manifest(wide).width == 64
+    assert settings_from_manifest(wide.quick()).width == QUICK_WIDTH

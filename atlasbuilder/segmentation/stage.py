@@ -167,13 +167,13 @@ class StageSettings:
 
 def settings_from_manifest(manifest: Manifest) -> StageSettings:
     """:class:`StageSettings` from ``stages.segmentation``: ``protocol``, ``overlap``,
-    ``batch_size``; ``epochs`` scales every number of training steps relative to its default of 40
+    ``batch_size``, ``width``; ``epochs`` scales every number of training steps relative to its default of 40
     (so a quick build's 3 epochs trains for 3/40 of the steps, at least 40 for the cohort model)."""
     seg = manifest.stages.segmentation
     base = StageSettings()
     scale = float(seg.epochs) / 40.0
     return replace(base, protocol=str(seg.protocol), overlap=float(seg.overlap),
-                   batch_size=int(seg.batch_size),
+                   batch_size=int(seg.batch_size), width=int(seg.width),
                    cohort_iterations=max(40, round(base.cohort_iterations * min(scale, 4.0))),
                    finetune_iterations=max(10, round(base.finetune_iterations * min(scale, 4.0))),
                    scratch_iterations=max(40, round(base.scratch_iterations * min(scale, 4.0))))
