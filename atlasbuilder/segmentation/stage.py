@@ -27,7 +27,8 @@ it, with 32 feature maps at its finest level. Measured with the build's protocol
 demo cohort (mean Dice over areas on all non-annotated sections, 10 brains): blocks as channels
 with 8 maps 0.351, with 32 maps 0.425 (the default; about 1.5x the training and prediction time
 of 8 maps); block means with 8 maps reached 0.345 on the cohort's previous truth. With 8 maps the
-network did not even fit its own training sections (Dice 0.60-0.71 on them).
+network did not even fit its own training sections (Dice 0.60-0.71 on them). A manifest sets the
+width with ``stages.segmentation.width``; quick builds cap it at 8 (``manifest.QUICK_WIDTH``).
 
 Outputs of :func:`segment_subject` (``out_dir``): ``sections/<name>.zarr`` (labels = class index,
 per-class uint8 probabilities) and ``segmentation.json`` (written last: classes with region ids,
