@@ -220,6 +220,7 @@ def _pretrain(manifest: Any, sid: str, path: Path, st: Any) -> None:
                                                          sub.positions[n])])
         imgs.append(img)
     cfg = PretrainingConfig(patch_size=st.patch_size, width=st.width, depth=st.depth, context=st.context,
+                            input_pool=st.input_pool, input_mode=st.input_mode,
                             max_iterations=st.scratch_iterations // 2)
     model, _ = pretrain(imgs, config=cfg, progress=False)
     save_checkpoint(model, path)

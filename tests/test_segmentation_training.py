@@ -335,3 +335,22 @@ def test_pretraining_then_fine_tuning(tmp_path):
     assert pre["down.0.0.weight"].shape == tuned.net.state_dict()["down.0.0.weight"].shape
     with pytest.raises(InputError, match="mask_fraction"):
         PretrainingConfig(mask_fraction=0)
+
+
+def test_pretraining_keeps_blocks_as_channels(tmp_path):
+    """A pretrained network at the stage's input_pool/input_mode is fine-tuned as such."""
+    from atlasbuilder.segmentation.pretraining import PretrainingConfig, pretrain
+
+    images, labels = toy_brain(4)
+    cfg = PretrainingConfig(patch_size=16, batch_size=4, max_iterations=4, width=4, depth=2,
+                            context_size=8, input_pool=2, input_mode="unshuffle")
+    model, _ = pretrain(images, config=cfg, seed=0)
+    assert model.net.config["input_pool"] == 2 and model.net.config["input_mode"] == "unshuffle"
+    assert model.net.state_dict()["down.0.0.weight"].shape[1] == 4  # 2 x 2 blocks as channels
+    path = save_checkpoint(model, tmp_path / "pre.pt")
+    tuned, _ = train(images, labels, MAPPING, config=FAST, init=path, seed=0)
+    assert tuned.net.config["input_pool"] == 2 and tuned.net.config["input_mode"] == "unshuffle"
+    with pytest.raises(InputError, match="input_mode"):
+        PretrainingConfig(input_mode="max")
+    with pytest.raises(InputError, match="multiple"):
+        PretrainingConfig(patch_size=20, depth=2, input_pool=4)

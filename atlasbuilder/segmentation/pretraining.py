@@ -44,8 +44,11 @@ __all__ = ["PretrainingConfig", "pretrain"]
 
 @dataclass(frozen=True)
 class PretrainingConfig:
-    """How to pretrain; the network fields must match what fine-tuning will use (they are kept in
-    the checkpoint). ``mask_fraction`` of the ``block_size`` px blocks of a patch are blanked."""
+    """How to pretrain; the network fields (``width``, ``depth``, ``norm``, ``context``,
+    ``input_pool``, ``input_mode``: see :class:`~.networks.UNet`) are kept in the checkpoint and
+    fine-tuning keeps them, so set them as the fine-tuned model should have them (the
+    segmentation stage's defaults: width 32, ``input_pool=4``, ``input_mode="unshuffle"``).
+    ``mask_fraction`` of the ``block_size`` px blocks of a patch are blanked."""
 
     patch_size: int = 128
     batch_size: int = 8
@@ -60,15 +63,24 @@ class PretrainingConfig:
     norm: str = "batch"
     context: bool = True
     context_size: int = 64
+    input_pool: int = 1
+    input_mode: str = "average"
     overlap: float = 0.25
     augmentation: Augmentation = field(default_factory=Augmentation)
 
     def __post_init__(self) -> None:
         if not 0 < self.mask_fraction < 1:
             raise InputError(f"mask_fraction must be in (0, 1), got {self.mask_fraction!r}")
-        if self.block_size < 1 or self.patch_size % 2 ** (self.depth - 1):
+        from .networks import INPUT_MODES
+
+        if self.input_mode not in INPUT_MODES:
+            raise InputError(f"input_mode must be one of {INPUT_MODES}, got {self.input_mode!r}")
+        if int(self.input_pool) < 1:
+            raise InputError(f"input_pool must be at least 1, got {self.input_pool!r}")
+        multiple = 2 ** (self.depth - 1) * int(self.input_pool)
+        if self.block_size < 1 or self.patch_size % multiple:
             raise InputError(f"block_size must be positive and patch_size ({self.patch_size}) a multiple "
-                             f"of 2**(depth - 1) = {2 ** (self.depth - 1)}")
+                             f"of input_pool * 2**(depth - 1) = {multiple}")
 
 
 def _block_mask(b: int, size: int, block: int, fraction: float, g: torch.Generator) -> torch.Tensor:
@@ -115,7 +127,8 @@ def pretrain(images: Sequence[np.ndarray], *, names: Sequence[str] | None = None
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         net = UNet(c, c, depth=cfg.depth, width=cfg.width, norm=cfg.norm,
-                   context_channels=c + 2 if cfg.context else 0, context_size=cfg.context_size)
+                   context_channels=c + 2 if cfg.context else 0, context_size=cfg.context_size,
+                   input_pool=cfg.input_pool, input_mode=cfg.input_mode)
         model = SegmentationModel(net, [f"channel {i}" for i in range(c)], mean, std,
                                   patch_size=cfg.patch_size, overlap=cfg.overlap,
                                   meta={"kind": "pretrained"}).to(dev)
