@@ -306,3 +306,27 @@ def test_settings_from_manifest_takes_width_and_quick_caps_it() -> None:
         "segmentation": m.stages.segmentation.model_copy(update={"width": 64})})})
     assert settings_from_manifest(wide).width == 64
     assert settings_from_manifest(wide.quick()).width == QUICK_WIDTH
+
+
+def test_finetune_from_a_pretrained_checkpoint(cohort: Path, tmp_path: Path) -> None:
+    """Protocol (b): a self-supervised checkpoint (no segmentation head) is fine-tuned per brain."""
+    from dataclasses import replace
+
+    from atlasbuilder.segmentation.pretraining import PretrainingConfig, pretrain
+    from atlasbuilder.segmentation.training import save_checkpoint
+
+    m = load_manifest(cohort)
+    images = [np.asarray(tifffile.imread(p)) for p in m.section_files("B01").values()]
+    cfg = PretrainingConfig(patch_size=TINY.patch_size, batch_size=4, max_iterations=4,
+                            width=TINY.width, depth=TINY.depth)
+    model, _ = pretrain(images, config=cfg, seed=0)
+    ck = save_checkpoint(model, tmp_path / "pre.pt")
+    st = replace(TINY, protocol="finetune")
+    info = segment_subject(m, "B01", tmp_path / "out", init_checkpoint=ck, settings=st, progress=False)
+    assert info["protocol"] == "finetune" and len(info["sections"]) == len(images)
+    assert info["dice_annotated"]["before_finetuning"] is None
+    assert len(load_section_labels(tmp_path / "out")) == len(images)
+    with pytest.raises(InputError, match="pretrained checkpoint"):
+        segment_subject(m, "B01", tmp_path / "none", init_checkpoint=ck,
+                        settings=replace(st, finetune_iterations=0), progress=False)
+    assert not (tmp_path / "none" / "segmentation.json").exists()

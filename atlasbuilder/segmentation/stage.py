@@ -633,15 +633,22 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
         if meta.get("kind") == "segmentation" and list(meta.get("classes", [])) != sub.classes:
             raise InputError(f"{init_path}: the checkpoint was trained for classes {meta.get('classes')}, "
                              f"but subject {sub.id}'s annotations define {sub.classes}")
+        pretrained = meta.get("kind") == "pretrained"
+    else:
+        pretrained = False
     images, labels, names = _training_inputs(sub, st)
     iterations = st.finetune_iterations if init_checkpoint is not None else st.scratch_iterations
     lr = st.finetune_lr if init_checkpoint is not None else st.scratch_lr
+    if pretrained and iterations == 0:
+        raise InputError(f"{init_checkpoint}: a pretrained checkpoint has no segmentation head yet: "
+                         "it needs fine-tuning steps (finetune_iterations > 0)")
     cfg = st.training_config(iterations, lr)
     before = None
     if init_checkpoint is not None and iterations == 0:
         model = load_checkpoint(init_checkpoint, classes=sub.classes, device=dev)
     else:
-        if init_checkpoint is not None:
+        # a pretrained checkpoint has no segmentation head: nothing to score before fine-tuning
+        if init_checkpoint is not None and not pretrained:
             before = _annotated_dice(load_checkpoint(init_checkpoint, classes=sub.classes, device=dev),
                                      images, labels, sub, st, dev)
         model, _ = train(images, labels, sub.mapping, classes=sub.classes, names=names, config=cfg,
