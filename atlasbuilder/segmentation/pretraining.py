@@ -35,7 +35,7 @@ from .data import (
     overview_canvas,
     overview_factor,
 )
-from .networks import UNet
+from .networks import UNet, input_multiple
 from .prediction import resolve_device
 from .training import SegmentationModel, _normalisation
 
@@ -71,13 +71,7 @@ class PretrainingConfig:
     def __post_init__(self) -> None:
         if not 0 < self.mask_fraction < 1:
             raise InputError(f"mask_fraction must be in (0, 1), got {self.mask_fraction!r}")
-        from .networks import INPUT_MODES
-
-        if self.input_mode not in INPUT_MODES:
-            raise InputError(f"input_mode must be one of {INPUT_MODES}, got {self.input_mode!r}")
-        if int(self.input_pool) < 1:
-            raise InputError(f"input_pool must be at least 1, got {self.input_pool!r}")
-        multiple = 2 ** (self.depth - 1) * int(self.input_pool)
+        multiple = input_multiple(self.depth, self.input_pool, self.input_mode)
         if self.block_size < 1 or self.patch_size % multiple:
             raise InputError(f"block_size must be positive and patch_size ({self.patch_size}) a multiple "
                              f"of input_pool * 2**(depth - 1) = {multiple}")

@@ -50,7 +50,7 @@ from .data import (
     overview_canvas,
     overview_factor,
 )
-from .networks import UNet
+from .networks import UNet, input_multiple
 from .prediction import SlidingWindow, predict_array, resolve_device
 
 __all__ = [
@@ -135,13 +135,7 @@ class TrainingConfig:
                      "depth", "context_size"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)!r}")
-        if int(self.input_pool) < 1:
-            raise InputError(f"input_pool must be at least 1, got {self.input_pool!r}")
-        from .networks import INPUT_MODES
-
-        if self.input_mode not in INPUT_MODES:
-            raise InputError(f"input_mode must be one of {INPUT_MODES}, got {self.input_mode!r}")
-        m = 2 ** (self.depth - 1) * int(self.input_pool)
+        m = input_multiple(self.depth, self.input_pool, self.input_mode)
         if self.patch_size % m:
             raise InputError(f"patch_size ({self.patch_size}) must be a multiple of "
                              f"input_pool * 2**(depth - 1) = {m}")
