@@ -298,7 +298,7 @@ class SegmentationSettings(_Model):
     """CNN training and prediction (``stages.segmentation``)."""
 
     protocol: Literal["auto", "transfer", "finetune", "scratch"] = "auto"
-    tile: Annotated[int, Field(ge=32, le=4096)] = 256
+    tile: Annotated[int, Field(ge=32, le=4096, multiple_of=32)] = 128
     overlap: Annotated[float, Field(ge=0, lt=1)] = 0.25
     epochs: Annotated[int, Field(ge=0)] = 40
     batch_size: Annotated[int, Field(ge=1)] = 8

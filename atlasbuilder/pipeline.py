@@ -408,8 +408,11 @@ def _segmentation(ctx: BuildContext) -> StageResult:
     if protocol == "transfer":
         # one model learns from every brain's annotated sections; each brain then fine-tunes it
         ckpt = ctx.output / "models" / "cohort" / "model.pt"
+        # the prediction window does not change the cohort model: not in its key (tta does: it
+        # trains with flips)
+        train_params = {k: v for k, v in seg_params.items() if k != "tile"}
         init_key = content_key("segmentation-cohort", STAGE_FORMATS["segmentation"], inputs,
-                               seg_params, m.areas, ctx.manifest.seed, ctx.quick)
+                               train_params, m.areas, ctx.manifest.seed, ctx.quick)
         unit = Unit("segmentation", "cohort-model", "atlasbuilder.pipeline:_train_cohort_model",
                     {**base, "out_path": str(ckpt), "device": device, "seed": ctx.manifest.seed,
                      "threads": threads, "progress": ctx.progress},

@@ -48,7 +48,8 @@ def _truth(cohort: Path, sid: str, name: str) -> np.ndarray:
 
 
 def score(cohort: Path, sid: str, out_dir: Path) -> dict[str, dict[str, float]]:
-    """Per-area Dice (pooled over the brain's non-annotated sections) and per-section mean Dice."""
+    """Per-area Dice (pooled over the brain's non-annotated sections), predicted / true area size,
+    and per-section mean Dice."""
     from atlasbuilder.segmentation.stage import _read_info, load_section_labels
 
     info = _read_info(out_dir)
@@ -56,6 +57,8 @@ def score(cohort: Path, sid: str, out_dir: Path) -> dict[str, dict[str, float]]:
     labels = load_section_labels(out_dir)
     inter: dict[int, float] = {}
     total: dict[int, float] = {}
+    npred: dict[int, float] = {}
+    ntrue: dict[int, float] = {}
     per_section = []
     for rec in info["sections"]:
         if rec["annotated"]:
@@ -68,13 +71,16 @@ def score(cohort: Path, sid: str, out_dir: Path) -> dict[str, dict[str, float]]:
             i, s = float((p & t).sum()), float(p.sum() + t.sum())
             inter[r] = inter.get(r, 0.0) + i
             total[r] = total.get(r, 0.0) + s
+            npred[r] = npred.get(r, 0.0) + float(p.sum())
+            ntrue[r] = ntrue.get(r, 0.0) + float(t.sum())
             if t.any():
                 ds.append(2 * i / s)
         if ds:
             per_section.append(float(np.mean(ds)))
     area = {keys[r]: 2 * inter[r] / total[r] for r in keys if total.get(r)}
     mean = float(np.mean(per_section)) if per_section else float("nan")
-    return {"area": area, "section_mean": {"mean": mean}}
+    size = {keys[r]: npred[r] / ntrue[r] for r in keys if ntrue.get(r)}
+    return {"area": area, "size": size, "section_mean": {"mean": mean}}
 
 
 def main() -> None:
@@ -119,9 +125,7 @@ def main() -> None:
         key, _, value = kv.partition("=")
         if not hasattr(st, key):
             raise SystemExit(f"--set {kv}: StageSettings has no field {key!r}")
-        old = getattr(st, key)
-        new = (value.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(value)
-        st = replace(st, **{key: new})
+        st = replace(st, **{key: _value(value, getattr(st, key))})
     print(f"settings: {st}", flush=True)
     results: dict[str, dict] = {}
     for protocol in args.protocols.split(","):
@@ -171,6 +175,23 @@ def main() -> None:
     _table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def _value(text: str, old: Any) -> Any:
+    """``--set`` text as the type of the field's default (``none`` for None; a field whose
+    default is None takes an int, a float or text)."""
+    if text.lower() == "none":
+        return None
+    if isinstance(old, bool):
+        return text.lower() in ("1", "true", "yes")
+    if old is not None:
+        return type(old)(text)
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _dense_manifest(cohort: Path, out: Path, every: int) -> Path:
@@ -241,6 +262,8 @@ def _table(results: dict) -> None:
         mean_area = [np.nanmean([b["area"].get(a, np.nan) for b in brains.values()]) for a in areas]
         print("| mean | " + " | ".join(f"{v:.2f}" for v in mean_area)
               + f" | {np.nanmean([np.nanmean(list(b['area'].values())) for b in brains.values()]):.3f} | |")
+        size = [np.nanmean([b.get("size", {}).get(a, np.nan) for b in brains.values()]) for a in areas]
+        print("| predicted / true size | " + " | ".join(f"{v:.2f}" for v in size) + " | | |")
 
 
 if __name__ == "__main__":

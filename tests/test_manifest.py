@@ -547,3 +547,15 @@ def test_manifest_built_in_memory_has_no_path() -> None:
     })
     with pytest.raises(InputError, match="not loaded from a file"):
         _ = m.path
+
+
+def test_segmentation_tile_must_be_a_multiple_of_32(tmp_path: Path) -> None:
+    """The prediction window must fit the network (blocks of 4 px, 3 halvings: 32 px)."""
+    text = VALID + "stages:\n  segmentation: {tile: 200, tta: true}\n"
+    path = write(tmp_path / "atlas.yaml", text)
+    problem = one_problem(validate_manifest(path, check_files=False), "tile")
+    assert problem.startswith(f"stages.segmentation.tile {at(text, 'tile: 200', '200')}: ")
+    assert "multiple of 32" in problem
+    ok = write(tmp_path / "ok.yaml", VALID + "stages:\n  segmentation: {tile: 256, tta: true}\n")
+    seg = load_manifest(ok, check_files=False).stages.segmentation
+    assert (seg.tile, seg.tta) == (256, True)

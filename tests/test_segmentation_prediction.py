@@ -254,6 +254,40 @@ def test_window_origins_and_overview_reach_the_predictor(shape, roi):
         predict_array(x, pred, window=SlidingWindow(roi_size=roi), tta=True)
 
 
+class _WindowBias:
+    """A pixel-wise conv plus one number per window from its origin (as a context branch adds):
+    flip TTA may flip its pixels and keep the origin."""
+
+    needs_origins = True
+    flips_keep_origins = True
+
+    def __init__(self) -> None:
+        self.conv = conv_predictor(1, 2, seed=3)
+
+    def __call__(self, x: torch.Tensor, origins: torch.Tensor) -> torch.Tensor:
+        bias = (origins[:, 0] * 0.01 + origins[:, 1] * 0.02).float()[:, None, None, None]
+        return self.conv(x) + bias
+
+
+def test_flip_tta_keeps_the_window_origin_when_the_predictor_allows_it():
+    x = RNG.random((1, 24, 24), dtype=np.float32)
+    pred = _WindowBias()
+    t = torch.from_numpy(x)[None]
+    with torch.no_grad():
+        expected = sum(torch.flip(pred.conv(torch.flip(t, d)), d) if d else pred.conv(t)
+                       for d in [(), (3,), (2,), (2, 3)]) / 4
+    # one window at origin (0, 0), whose bias is 0
+    out = predict_array(x, pred, window=SlidingWindow(roi_size=24), tta=True)
+    np.testing.assert_allclose(out, expected[0].numpy(), rtol=1e-5, atol=1e-6)
+    big = RNG.random((1, 40, 40), dtype=np.float32)
+    plain = predict_array(big, pred, window=SlidingWindow(roi_size=24, overlap=0.5))
+    flipped = predict_array(big, pred, window=SlidingWindow(roi_size=24, overlap=0.5), tta=True)
+    # the window biases reach both the same way: only the conv part differs
+    conv_plain = predict_array(big, pred.conv, window=SlidingWindow(roi_size=24, overlap=0.5))
+    conv_flip = predict_array(big, pred.conv, window=SlidingWindow(roi_size=24, overlap=0.5), tta=True)
+    np.testing.assert_allclose(flipped - plain, conv_flip - conv_plain, atol=1e-5)
+
+
 # -------------------------------------------------------------------------------------------------
 # settings and errors
 

@@ -330,3 +330,68 @@ def test_finetune_from_a_pretrained_checkpoint(cohort: Path, tmp_path: Path) -> 
         segment_subject(m, "B01", tmp_path / "none", init_checkpoint=ck,
                         settings=replace(st, finetune_iterations=0), progress=False)
     assert not (tmp_path / "none" / "segmentation.json").exists()
+
+
+def test_tile_and_tta_reach_the_prediction_and_a_change_redoes_it(cohort: Path, cohort_model: Path,
+                                                                   tmp_path: Path) -> None:
+    """``tile`` is the prediction window, ``tta`` flips each window (and trains with flips);
+    outputs made with other settings are neither returned as complete nor kept section by section."""
+    from dataclasses import replace
+
+    import zarr
+
+    def attrs(info: dict) -> dict:
+        return dict(zarr.open_group(out / info["sections"][1]["prediction"], mode="r").attrs["atlasbuilder"])
+
+    out = tmp_path / "B01"
+    plain = segment_subject(cohort, "B01", out, init_checkpoint=cohort_model, settings=TINY, progress=False)
+    assert attrs(plain)["window"]["roi_size"] == [TINY.patch_size] * 2 and attrs(plain)["tta"] is False
+    before = load_section_labels(out)
+
+    # another window, the same model (same seed, same fine-tuning): close, not equal
+    info = segment_subject(cohort, "B01", out, init_checkpoint=cohort_model, settings=replace(TINY, tile=16),
+                           progress=False)
+    assert info["settings"]["tile"] == 16 and attrs(info)["window"]["roi_size"] == [16, 16]
+    after = load_section_labels(out)
+    held_out = [n for n in NUMBERS if n not in ANNOTATED]
+    assert any(not np.array_equal(before[n], after[n]) for n in held_out)
+    assert np.mean([np.mean(before[n] == after[n]) for n in held_out]) > 0.8
+
+    info = segment_subject(cohort, "B01", out, init_checkpoint=cohort_model,
+                           settings=replace(TINY, flips=True, tta=True), progress=False)
+    assert info["settings"]["tta"] is True and info["settings"]["flips"] is True
+    assert attrs(info)["tta"] is True and attrs(info)["window"]["roi_size"] == [TINY.patch_size] * 2
+
+
+def test_tta_needs_flips_and_flips_no_positions() -> None:
+    with pytest.raises(InputError, match="tta needs a network trained with flips"):
+        StageSettings(tta=True)
+    with pytest.raises(InputError, match="flips cannot be used with positions"):
+        StageSettings(flips=True, positions=True)
+    assert StageSettings(flips=True, tta=True).training_config(10, 1e-3).augmentation.flips
+    assert not StageSettings().training_config(10, 1e-3).augmentation.flips
+
+
+@pytest.mark.parametrize("tile", [0, 33, 3])
+def test_tile_must_fit_the_network(tile: int) -> None:
+    with pytest.raises(InputError, match="tile must be a positive multiple of 32"):
+        StageSettings(tile=tile)
+
+
+def test_tile_from_the_manifest_is_checked_and_named() -> None:
+    from atlasbuilder.manifest import builtin_manifest_path
+    from atlasbuilder.segmentation.stage import settings_from_manifest
+
+    m = load_manifest(builtin_manifest_path("demo"))
+    st = settings_from_manifest(m)
+    assert st.tile == m.stages.segmentation.tile == 128 and st.tta is st.flips is False
+    odd = m.model_copy(update={"stages": m.stages.model_copy(update={
+        "segmentation": m.stages.segmentation.model_copy(update={"tile": 200, "tta": True})})})
+    with pytest.raises(InputError, match=r"demo.yaml: stages.segmentation.tile: tile must be a positive "
+                                         r"multiple of 32 .* got 200"):
+        settings_from_manifest(odd)
+    fixed = odd.model_copy(update={"stages": odd.stages.model_copy(update={
+        "segmentation": odd.stages.segmentation.model_copy(update={"tile": 64})})})
+    st = settings_from_manifest(fixed)
+    assert st.tile == 64 and st.tta is st.flips is True  # TTA trains with flips too
+    assert settings_from_manifest(fixed.quick()).tta is False  # quick builds predict without TTA

@@ -27,7 +27,9 @@ Optional predictor protocol, for models that need more than the window itself:
 
 - ``predictor.needs_origins = True``: it is called as ``predictor(x, origins)``, ``origins`` a
   ``(B, 2)`` int64 tensor of the windows' top-left corners ``(row, col)`` in section pixels
-  (negative where the section was padded);
+  (negative where the section was padded). Flip test-time augmentation then needs
+  ``predictor.flips_keep_origins = True``: the origins only say where the window is (the same for
+  its flipped pixels), not where each pixel is;
 - ``predictor.overview_size = n``: before the first window, ``predictor.prepare_section(overview,
   factor, shape)`` receives the whole section block-averaged by ``factor`` so that its longer side
   is at most ``n`` pixels (``(C, ceil(H / factor), ceil(W / factor))`` float32) and the section's
@@ -438,9 +440,10 @@ class _Runner:
         self.device = device
         self.amp = amp and device.type == "cuda"
         self.needs_origins = bool(getattr(predictor, "needs_origins", False))
-        if tta and self.needs_origins:
+        if tta and self.needs_origins and not getattr(predictor, "flips_keep_origins", False):
             raise InputError("flip test-time augmentation is not supported for a predictor that uses "
-                             "the window position (needs_origins); use tta=False")
+                             "the window position per pixel (needs_origins without "
+                             "flips_keep_origins); use tta=False")
         self.flips = self._FLIPS if tta else ((),)
 
     def __call__(self, x: torch.Tensor, origins: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,14 @@ of 8 maps); block means with 8 maps reached 0.345 on the cohort's previous truth
 network did not even fit its own training sections (Dice 0.60-0.71 on them). A manifest sets the
 width with ``stages.segmentation.width``; quick builds cap it at 8 (``manifest.QUICK_WIDTH``).
 
+Prediction runs the training patch (128 px) as its window by default (``tile``; a 256-px window
+scored 0.411 against 0.425, as the context branch was trained on 128-px windows). Flip test-time
+augmentation (``tta``, with ``flips`` in training) is off by default: on the demo, whose sections
+are all cut and mounted the same way, training with flipped and turned patches cost more than
+averaging four flips gained (brains B01-B03: 0.421 without either, 0.370 with flips in training,
+0.382 with TTA added), and TTA quadruples the prediction time. Real sections, mounted either way
+up, are where it can pay.
+
 Outputs of :func:`segment_subject` (``out_dir``): ``sections/<name>.zarr`` (labels = class index,
 per-class uint8 probabilities) and ``segmentation.json`` (written last: classes with region ids,
 per-section records). Read them with :func:`load_section_labels` and
@@ -101,8 +109,19 @@ class StageSettings:
         reduced (see :class:`~.networks.UNet`), coarse context branch.
     positions
         Add the position channels (off by default; see the module docstring).
-    overlap, predict_batch
-        Prediction window overlap and windows per batch.
+    flips
+        Train with random flips and 90-degree turns of each patch's pixels (the context overview
+        is never turned). Off by default; not with ``positions``.
+    tile, overlap, predict_batch
+        Prediction window edge in pixels (None: the training patch, ``patch_size``; a multiple
+        of the network's input multiple, 32 for the default network), its overlap, and windows
+        per batch.
+    tta
+        Flip test-time augmentation: each window is also predicted flipped left-right,
+        upside-down and both, and the four outputs are averaged (4x the prediction time). Only
+        the window's pixels are flipped: the context branch still sees where the window is, so
+        a left area stays left. Needs ``flips``: a network trained on unturned patches only
+        fell from mean Dice 0.44 to 0.24 on flipped ones (demo, brain B01).
     threads
         Torch CPU threads (None: leave torch's setting). On a shared, oversubscribed CPU one
         thread was ~10x faster than two (prediction of one 806 x 711 px section: 2 s vs 29 s).
@@ -134,11 +153,16 @@ class StageSettings:
     input_mode: str = "unshuffle"
     context: bool = True
     positions: bool = False
+    flips: bool = False
+    tile: int | None = None
     overlap: float = 0.25
     predict_batch: int = 8
+    tta: bool = False
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        from .networks import input_multiple
+
         if self.protocol not in PROTOCOLS:
             raise InputError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         for name in ("cohort_iterations", "finetune_iterations", "scratch_iterations"):
@@ -146,15 +170,31 @@ class StageSettings:
                 raise InputError(f"{name} must be at least 0, got {getattr(self, name)!r}")
         if not 0 <= self.overlap < 1:
             raise InputError(f"overlap must be in [0, 1), got {self.overlap!r}")
+        if self.tta and not self.flips:
+            raise InputError("tta needs a network trained with flips (flips=True): one trained on "
+                             "unturned patches does not recognise flipped ones")
+        if self.flips and self.positions:
+            raise InputError("flips cannot be used with positions: a turned patch would no longer "
+                             "match its position channels")
+        if self.tile is not None:
+            m = input_multiple(self.depth, self.input_pool, self.input_mode)
+            if int(self.tile) < m or int(self.tile) % m:
+                raise InputError(f"tile must be a positive multiple of {m} (input_pool {self.input_pool} "
+                                 f"x 2**(depth - 1) for depth {self.depth}), got {self.tile!r}")
+
+    @property
+    def window_size(self) -> int:
+        """The prediction window's edge in pixels: ``tile``, else the training patch."""
+        return int(self.tile) if self.tile is not None else int(self.patch_size)
 
     def training_config(self, iterations: int, learning_rate: float) -> TrainingConfig:
         """The :class:`~.training.TrainingConfig` of one training run of this protocol."""
         from .data import Augmentation
         from .training import TrainingConfig
 
-        # no flips or rotations: they would turn the position channels against the labels; the
-        # intensity changes touch the grey channel(s) only
-        aug = Augmentation(flips=False, intensity_channels=1 if self.positions else None)
+        # flips and turns only on request, never with position channels (they would turn them
+        # against the labels); the intensity changes touch the grey channel(s) only
+        aug = Augmentation(flips=self.flips, intensity_channels=1 if self.positions else None)
         return TrainingConfig(patch_size=self.patch_size, batch_size=self.batch_size,
                               max_iterations=max(1, int(iterations)), learning_rate=learning_rate,
                               eval_every=max(1, int(iterations)), val_fraction=0.0, width=self.width,
@@ -167,14 +207,27 @@ class StageSettings:
 
 
 def settings_from_manifest(manifest: Manifest) -> StageSettings:
-    """:class:`StageSettings` from ``stages.segmentation``: ``protocol``, ``overlap``,
-    ``batch_size``, ``width``; ``epochs`` scales every number of training steps relative to its default of 40
-    (so a quick build's 3 epochs trains for 3/40 of the steps, at least 40 for the cohort model)."""
+    """:class:`StageSettings` from ``stages.segmentation``: ``protocol``, ``tile``, ``overlap``,
+    ``batch_size``, ``width``, ``tta`` (which also trains with ``flips``); ``epochs`` scales every
+    number of training steps relative to its default of 40 (so a quick build's 3 epochs trains for
+    3/40 of the steps, at least 40 for the cohort model).
+
+    Raises
+    ------
+    InputError
+        ``tile`` is not a multiple of the network's input multiple (the message names the key).
+    """
     seg = manifest.stages.segmentation
     base = StageSettings()
     scale = float(seg.epochs) / 40.0
-    return replace(base, protocol=str(seg.protocol), overlap=float(seg.overlap),
-                   batch_size=int(seg.batch_size), width=int(seg.width),
+    try:
+        replace(base, tile=int(seg.tile))
+    except InputError as exc:
+        where = f"{manifest.path}: " if getattr(manifest, "_path", None) else ""
+        raise InputError(f"{where}stages.segmentation.tile: {exc}") from None
+    return replace(base, protocol=str(seg.protocol), tile=int(seg.tile), overlap=float(seg.overlap),
+                   batch_size=int(seg.batch_size), width=int(seg.width), tta=bool(seg.tta),
+                   flips=bool(seg.tta),
                    cohort_iterations=max(40, round(base.cohort_iterations * min(scale, 4.0))),
                    finetune_iterations=max(10, round(base.finetune_iterations * min(scale, 4.0))),
                    scratch_iterations=max(40, round(base.scratch_iterations * min(scale, 4.0))))
@@ -546,7 +599,29 @@ def _dice(pred: np.ndarray, truth: np.ndarray, ids: Sequence[int]) -> dict[int, 
     return out
 
 
-def _complete(out_dir: Path, sub: _Subject) -> dict[str, Any] | None:
+def _run_settings(st: StageSettings) -> dict[str, Any]:
+    """The settings that shape the outputs (CPU threads do not)."""
+    return {k: v for k, v in st.as_dict().items() if k != "threads"}
+
+
+def _drop_stale_predictions(out_dir: Path, st: StageSettings) -> None:
+    """Keep the section predictions of an interrupted run with the same settings (they are
+    skipped on resume); remove those of a run with other settings (another model, window or
+    TTA made them)."""
+    import shutil
+
+    marker = out_dir / "prediction_settings.json"
+    want = _run_settings(st)
+    try:
+        had = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        had = None
+    if had != want and (out_dir / "sections").exists():
+        shutil.rmtree(out_dir / "sections")
+    atomic_write_text(marker, json.dumps(want, indent=1))
+
+
+def _complete(out_dir: Path, sub: _Subject, st: StageSettings | None = None) -> dict[str, Any] | None:
     path = out_dir / "segmentation.json"
     if not path.is_file():
         return None
@@ -558,6 +633,9 @@ def _complete(out_dir: Path, sub: _Subject) -> dict[str, Any] | None:
         return None
     if [c["key"] for c in info.get("classes", [])] != sub.classes:
         return None
+    if st is not None and {k: v for k, v in info.get("settings", {}).items() if k != "threads"} \
+            != _run_settings(st):
+        return None  # made with other settings: redo
     names = {s["file"] for s in info.get("sections", [])}
     if names != {p.name for p in sub.sections.values()}:
         return None
@@ -610,7 +688,7 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
     st = settings or StageSettings()
     out = Path(out_dir)
     sub = _subject(m, subject_id)
-    done = _complete(out, sub)
+    done = _complete(out, sub, st)
     if done is not None:
         return done
     dev = resolve_device(device)
@@ -659,7 +737,8 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
     save_checkpoint(model, out / "model.pt")
 
     t1 = time.perf_counter()
-    window = SlidingWindow(roi_size=model.patch_size, overlap=st.overlap, batch_size=st.predict_batch)
+    _drop_stale_predictions(out, st)
+    window = SlidingWindow(roi_size=st.window_size, overlap=st.overlap, batch_size=st.predict_batch)
     records = []
     numbers = sorted(sub.sections)
     it: Any = numbers
@@ -673,7 +752,7 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
         if st.positions:
             predictor = _positioned_predictor(model, _frame_of_file(path), sub.positions[n])
         store = predict_file(path, out / "sections", predictor, classes=sub.classes, window=window,
-                             device=dev, tta=False)
+                             device=dev, tta=st.tta)
         _, probs, _ = open_prediction(store)
         conf = _mean_confidence(probs)
         rec: dict[str, Any] = {"number": int(n), "file": path.name, "source": str(path),
@@ -741,7 +820,7 @@ def _annotated_dice(model: SegmentationModel, images: Sequence[np.ndarray], labe
             frame = _frame_of_array(grey)
             predictor = _positioned_predictor(model, frame, float(img[-1, 0, 0]))
             img = grey
-        window = SlidingWindow(roi_size=model.patch_size, overlap=st.overlap, batch_size=st.predict_batch)
+        window = SlidingWindow(roi_size=st.window_size, overlap=st.overlap, batch_size=st.predict_batch)
         logits = predict_array(img, predictor, window=window, device=dev)
         pred = np.asarray(logits).argmax(0)
         target = np.full(ann.shape, -1, np.int64)

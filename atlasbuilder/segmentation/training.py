@@ -183,6 +183,12 @@ class SegmentationModel(nn.Module):
         return self.context_size is not None
 
     @property
+    def flips_keep_origins(self) -> bool:
+        """Flip TTA may flip a window's pixels and keep its origin: the context branch encodes
+        where the whole window is (one vector per window), the same for the flipped pixels."""
+        return True
+
+    @property
     def overview_size(self) -> int | None:
         return self.context_size
 
