@@ -319,6 +319,8 @@ class RegistrationSettings(_Model):
 
     preset: Literal["rigid", "affine", "syn", "synquick"] = "syn"
     threads: Annotated[int, Field(ge=1, le=256)] = 2
+    #: voxel size (mm) both images are resampled to before registering; None: the preset's (2 mm)
+    resolution_mm: Annotated[float, Field(gt=0, le=16)] | None = None
 
 
 class AggregationSettings(_Model):

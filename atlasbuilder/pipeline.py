@@ -252,8 +252,10 @@ def _register_brain(manifest: str, quick: bool, stages: dict[str, Any], subject:
     moving = read_nifti(moving_path, space=src, dtype="float32")
     out = Path(out_dir)
     t0 = time.perf_counter()
+    res = m.stages.registration.resolution_mm
     tr = register_subject(moving, space, None, out / space, preset=m.stages.registration.preset,
-                          threads=threads, seed=seed, templates=templates, overwrite=True)
+                          threads=threads, seed=seed, templates=templates, overwrite=True,
+                          resolution_mm="preset" if res is None else float(res))
     seconds = time.perf_counter() - t0
     fixed = get_space(space, templates=templates).load_template()
     qa = registration_qa(tr, brain_mask(moving), brain_mask(fixed), out / f"qa_{space}.png",
@@ -522,6 +524,8 @@ def _registration_units(ctx: BuildContext, rec: dict[str, tuple[str, Path]] | No
     assert fp is not None
     base = _common(ctx)
     params = ctx.manifest.stages.registration.model_dump(mode="json")
+    if params.get("resolution_mm") is None:  # the preset's: keys as before the setting existed
+        params.pop("resolution_mm", None)
     templates = _templates(ctx)
     primary = m.primary_space
     seed = ctx.manifest.seed

@@ -559,3 +559,14 @@ def test_segmentation_tile_must_be_a_multiple_of_32(tmp_path: Path) -> None:
     ok = write(tmp_path / "ok.yaml", VALID + "stages:\n  segmentation: {tile: 256, tta: true}\n")
     seg = load_manifest(ok, check_files=False).stages.segmentation
     assert (seg.tile, seg.tta) == (256, True)
+
+
+def test_registration_resolution(tmp_path: Path) -> None:
+    text = VALID + "stages:\n  registration: {preset: rigid, resolution_mm: 0}\n"
+    problem = one_problem(validate_manifest(write(tmp_path / "a.yaml", text), check_files=False),
+                          "resolution_mm")
+    assert problem.startswith("stages.registration.resolution_mm (line ") and "greater than 0" in problem
+    ok = write(tmp_path / "ok.yaml", VALID + "stages:\n  registration: {resolution_mm: 4}\n")
+    assert load_manifest(ok, check_files=False).stages.registration.resolution_mm == 4.0
+    assert load_manifest(write(tmp_path / "d.yaml", VALID), check_files=False
+                         ).stages.registration.resolution_mm is None  # the preset's

@@ -174,7 +174,7 @@ def _small_copy(src: Path, root: Path) -> Path:
     # scratch: each brain learns from its own annotations only (a changed annotation then
     # redoes only its brain; the cohort protocol would retrain every brain)
     doc["stages"] = {"segmentation": {"protocol": "scratch", "epochs": 1},
-                     "registration": {"preset": "rigid", "threads": 1},
+                     "registration": {"preset": "rigid", "threads": 1, "resolution_mm": 4.0},
                      "reconstruction": {"voxel_size_mm": 1.0}}
     doc["outputs"] = {"nifti": False, "siibra": False, "report": False}
     path = root / "manifest.yaml"
@@ -274,6 +274,10 @@ def test_changed_annotation_recomputes_only_its_brain(small_manifest, small_refe
     assert ("reconstruction", "B02") in redone and ("reconstruction", "B01") not in redone
     assert not any(st == "registration" and u.startswith("B01") for st, u in redone)
     assert ("aggregation", "MNI152NLin2009cAsym") in redone
+    # the manifest's registration resolution reached ANTs
+    tr = json.loads((out / "brains" / "B01" / "registration" / "MNI152NLin2009cAsym" / "transform.json")
+                    .read_text())
+    assert tr["preset"] == "rigid" and tr["parameters"]["resolution_mm"] == 4.0
 
 
 def _free_port() -> int:
