@@ -440,6 +440,22 @@ def _segmentation(ctx: BuildContext) -> StageResult:
                          items=sum(u.items for u in units))
 
 
+def _refuse_unsupported(m: Any) -> None:
+    """Settings the manifest schema accepts but the build cannot carry out yet: refused before
+    any work (not after the stages before them have run)."""
+    problems = []
+    if m.stages.aggregation.soft:
+        problems.append("stages.aggregation.soft: the build aggregates hard labels only (it does not "
+                        "yet carry the CNN's probabilities through reconstruction and registration); "
+                        "set soft: false, or call aggregation.aggregate_space(..., prob_files=...) "
+                        "with probability volumes from Python")
+    if m.stages.segmentation.protocol == "finetune":
+        problems.append("stages.segmentation.protocol 'finetune' needs a checkpoint, which the build "
+                        "does not take yet: use auto, transfer or scratch")
+    if problems:
+        raise InputError(f"{m.path}: " + "; ".join(problems))
+
+
 def _segmentation_protocol(protocol: str, brains: int) -> str:
     """The protocol the build runs: ``auto`` is ``transfer`` for a cohort, ``scratch`` for one brain.
 
@@ -792,6 +808,7 @@ def build(
     if not mpath.exists() and str(manifest) in BUILTIN_MANIFESTS:
         mpath = builtin_manifest_path(str(manifest))
     m = load_manifest(mpath)
+    _refuse_unsupported(m)
     if quick:
         m = m.quick()
     out = Path(output) if output is not None else Path.cwd() / m.atlas.name

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from atlasbuilder import load_atlas
-from atlasbuilder.errors import ManifestError, OutputExistsError
+from atlasbuilder.errors import InputError, ManifestError, OutputExistsError
 from atlasbuilder.pipeline import STAGE_NAMES, STAGES, build
 
 DEMO = Path(__file__).resolve().parent.parent / "data_manifests" / "demo.yaml"
@@ -50,6 +50,22 @@ def test_build_bad_manifest_lists_problems(tmp_path):
         build(bad, tmp_path / "out", progress=False)
     assert len(err.value.problems) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_settings_the_build_cannot_carry_out_are_refused_before_any_work(tmp_path):
+    text = DEMO.read_text()
+    soft = tmp_path / "soft.yaml"
+    soft.write_text(text.replace("soft: false", "soft: true"))
+    p = subprocess.run([*CLI, "build", str(soft), "-o", str(tmp_path / "x")],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stderr
+    assert f"{soft}: stages.aggregation.soft: the build aggregates hard labels only" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+    fine = tmp_path / "finetune.yaml"
+    fine.write_text(text.replace("protocol: auto", "protocol: finetune"))
+    with pytest.raises(InputError, match="'finetune' needs a checkpoint"):
+        build(fine, tmp_path / "y", progress=False)
+    assert not (tmp_path / "y").exists()
 
 
 def test_build_bad_options_exit_2(tmp_path):
