@@ -404,9 +404,7 @@ def _segmentation(ctx: BuildContext) -> StageResult:
     note = ""
     first: list[Unit] = []
     protocol = _segmentation_protocol(st.protocol, len(m.subjects))
-    if protocol == "finetune":
-        raise InputError("stages.segmentation.protocol 'finetune' needs a checkpoint, which the "
-                         "build does not take yet: use auto, transfer or scratch")
+    assert protocol != "finetune", "refused by _refuse_unsupported before any work"
     if protocol == "transfer":
         # one model learns from every brain's annotated sections; each brain then fine-tunes it
         ckpt = ctx.output / "models" / "cohort" / "model.pt"
