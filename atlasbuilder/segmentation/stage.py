@@ -599,9 +599,10 @@ def _dice(pred: np.ndarray, truth: np.ndarray, ids: Sequence[int]) -> dict[int, 
     return out
 
 
-def _run_settings(st: StageSettings) -> dict[str, Any]:
-    """The settings that shape the outputs (CPU threads do not)."""
-    return {k: v for k, v in st.as_dict().items() if k != "threads"}
+def _run_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Of :meth:`StageSettings.as_dict` (or its JSON copy), the settings that shape the outputs
+    (CPU threads do not)."""
+    return {k: v for k, v in settings.items() if k != "threads"}
 
 
 def _drop_stale_predictions(out_dir: Path, st: StageSettings) -> None:
@@ -611,7 +612,7 @@ def _drop_stale_predictions(out_dir: Path, st: StageSettings) -> None:
     import shutil
 
     marker = out_dir / "prediction_settings.json"
-    want = _run_settings(st)
+    want = _run_settings(st.as_dict())
     try:
         had = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError):
@@ -633,8 +634,7 @@ def _complete(out_dir: Path, sub: _Subject, st: StageSettings | None = None) -> 
         return None
     if [c["key"] for c in info.get("classes", [])] != sub.classes:
         return None
-    if st is not None and {k: v for k, v in info.get("settings", {}).items() if k != "threads"} \
-            != _run_settings(st):
+    if st is not None and _run_settings(info.get("settings", {})) != _run_settings(st.as_dict()):
         return None  # made with other settings: redo
     names = {s["file"] for s in info.get("sections", [])}
     if names != {p.name for p in sub.sections.values()}:
