@@ -192,14 +192,17 @@ def _reconstruct_brain(manifest: str, quick: bool, stages: dict[str, Any], subje
         series = m.spaces.sections[space]
         files = m.reference_section_files(space)
         reference, shrinkage, space_name = m.resolve(series.reference), 1.0, space
-    labels = None
+    labels = probabilities = keys = None
     if seg_dir is not None:
-        from .segmentation.stage import load_section_labels
+        from .segmentation.stage import load_area_probabilities, load_section_labels
 
         labels = load_section_labels(Path(seg_dir))
+        if m.stages.aggregation.soft:  # the CNN's area probabilities too, stacked linearly
+            keys, probabilities = load_area_probabilities(Path(seg_dir))
     rec = reconstruct(files, Path(out_dir), pixel_size_um=series.pixel_size_um,
                       thickness_um=series.thickness_um, spacing=series.spacing,
-                      reference=reference, labels=labels, voxel_size_mm=st.voxel_size_mm,
+                      reference=reference, labels=labels, probabilities=probabilities,
+                      probability_keys=keys, voxel_size_mm=st.voxel_size_mm,
                       alignment=st.alignment, shrinkage=shrinkage, missing=tuple(series.missing),
                       space=space_name, progress=progress)
     summary = getattr(rec, "summary", None)
@@ -270,7 +273,13 @@ def _register_brain(manifest: str, quick: bool, stages: dict[str, Any], subject:
 
 def _warp_brain(subject: str, recon_dir: str, registration_dir: str, template_dirs: list[str],
                 out_dir: str, spaces: list[str], templates: dict[str, str]) -> dict[str, Any]:
-    """Bring a brain's reconstructed labels into every reference space (one resampling each)."""
+    """Bring a brain's reconstructed labels into every reference space (one resampling each).
+
+    A reconstruction with area probabilities (soft aggregation) has them warped too, linearly,
+    one file per area and space: ``probabilities_<space>/<area>.nii.gz`` (uint8 percent with a
+    scale factor of 0.01, so readers see 0..1).
+    """
+    from .reconstruction import load_reconstruction
     from .registration import TransformGraph, load_transform
     from .spaces import get_space
     from .volumes import read_nifti, to_nifti
@@ -290,7 +299,31 @@ def _warp_brain(subject: str, recon_dir: str, registration_dir: str, template_di
         path = out / f"labels_{space}.nii.gz"
         _save_nifti(to_nifti(warped), path)
         files[space] = str(path)
-    return {"labels": files}
+    result: dict[str, Any] = {"labels": files}
+    rec = load_reconstruction(recon_dir)
+    if rec.probabilities_path is not None:
+        import numpy as np
+
+        probs = read_nifti(rec.probabilities_path, space=src, name="probability", allow_4d=True)
+        prob_files: dict[str, dict[str, str]] = {}
+        for space in spaces:
+            grid_ds = get_space(space, templates=templates).load_template()
+            sub = out / f"probabilities_{space}"
+            sub.mkdir(exist_ok=True)
+            prob_files[space] = {}
+            for i, key in enumerate(rec.probability_keys):
+                one = probs["probability"].isel(region=i).astype(np.float32)
+                warped = graph.warp(one, space, grid_ds, interpolation="linear")
+                img = to_nifti(warped)
+                pct = np.clip(np.rint(np.asanyarray(img.dataobj)), 0, 100).astype(np.uint8)
+                out_img = type(img)(pct, img.affine, img.header)
+                out_img.header.set_data_dtype(np.uint8)
+                out_img.header.set_slope_inter(0.01, 0.0)
+                path = sub / f"{key}.nii.gz"
+                _save_nifti(out_img, path)
+                prob_files[space][key] = str(path)
+        result["probabilities"] = prob_files
+    return result
 
 
 def _save_nifti(img: Any, path: Path) -> None:
@@ -300,8 +333,8 @@ def _save_nifti(img: Any, path: Path) -> None:
 
 
 def _aggregate(atlas_dir: str, space: str, label_files: dict[str, str], areas: list[str],
-               hierarchy: str, settings: dict[str, Any], hemispheres: dict[str, list[str]]
-               ) -> dict[str, Any]:
+               hierarchy: str, settings: dict[str, Any], hemispheres: dict[str, list[str]],
+               prob_files: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
     from .aggregation import aggregate_space
     from .manifest import AggregationSettings
     from .regions import load_hierarchy
@@ -309,7 +342,7 @@ def _aggregate(atlas_dir: str, space: str, label_files: dict[str, str], areas: l
     tree = load_hierarchy(Path(hierarchy))
     summary = aggregate_space({k: Path(v) for k, v in label_files.items()}, space, areas, tree,
                               Path(atlas_dir), settings=AggregationSettings(**settings),
-                              hemispheres=hemispheres)
+                              hemispheres=hemispheres, prob_files=prob_files)
     maps = summary.maps
     return {**summary.to_dict(),
             "maps": {"space": maps.space, "shape": list(maps.grid.shape),
@@ -441,17 +474,9 @@ def _segmentation(ctx: BuildContext) -> StageResult:
 def _refuse_unsupported(m: Any) -> None:
     """Settings the manifest schema accepts but the build cannot carry out yet: refused before
     any work (not after the stages before them have run)."""
-    problems = []
-    if m.stages.aggregation.soft:
-        problems.append("stages.aggregation.soft: the build aggregates hard labels only (it does not "
-                        "yet carry the CNN's probabilities through reconstruction and registration); "
-                        "set soft: false, or call aggregation.aggregate_space(..., prob_files=...) "
-                        "with probability volumes from Python")
     if m.stages.segmentation.protocol == "finetune":
-        problems.append("stages.segmentation.protocol 'finetune' needs a checkpoint, which the build "
-                        "does not take yet: use auto, transfer or scratch")
-    if problems:
-        raise InputError(f"{m.path}: " + "; ".join(problems))
+        raise InputError(f"{m.path}: stages.segmentation.protocol 'finetune' needs a checkpoint, "
+                         "which the build does not take yet: use auto, transfer or scratch")
 
 
 def _segmentation_protocol(protocol: str, brains: int) -> str:
@@ -473,6 +498,8 @@ def _reconstruction(ctx: BuildContext) -> StageResult:
     assert fp is not None
     base = _common(ctx)
     params = ctx.manifest.stages.reconstruction.model_dump(mode="json")
+    # soft aggregation: the area probabilities are stacked too (hard builds keep their keys)
+    soft = [{"soft": True}] if ctx.manifest.stages.aggregation.soft else []
     seg = ctx.products.get("segmentation", {})
     units = []
     for s in m.subjects:
@@ -480,7 +507,7 @@ def _reconstruction(ctx: BuildContext) -> StageResult:
         ref = {"reference": fp.file(m.resolve(s.reference))} if s.reference else {}
         key = content_key("reconstruction", STAGE_FORMATS["reconstruction"], seg_key, params,
                           fp.files(m.section_files(s.id)), ref, s.sections.model_dump(mode="json"),
-                          s.shrinkage, ctx.quick)
+                          s.shrinkage, ctx.quick, *soft)
         out = _brain_dir(ctx, s.id, "reconstruction")
         units.append(Unit("reconstruction", s.id, "atlasbuilder.pipeline:_reconstruct_brain",
                           {**base, "subject": s.id, "space": None, "seg_dir": str(seg_dir),
@@ -658,16 +685,19 @@ def _aggregation(ctx: BuildContext) -> StageResult:
     params = ctx.manifest.stages.aggregation.model_dump(mode="json")
     units = []
     label_files: dict[str, dict[str, str]] = {}
+    soft = bool(ctx.manifest.stages.aggregation.soft)
     for space in m.spaces.reference:
         files = {sid: str(results_by[sid]["labels"][space]) for sid in reg}
         label_files[space] = files
+        probs = {sid: results_by[sid]["probabilities"][space] for sid in reg} if soft else None
         key = content_key("aggregation", STAGE_FORMATS["aggregation"], space,
                           [reg[sid][0] for sid in sorted(reg)], params, list(m.areas))
         units.append(Unit("aggregation", space, "atlasbuilder.pipeline:_aggregate",
                           {"atlas_dir": str(ctx.output), "space": space, "label_files": files,
                            "areas": _leaf_keys(tree, m.areas), "hierarchy": str(tree_path),
                            "settings": params,
-                           "hemispheres": {s.id: list(s.hemispheres) for s in m.subjects}}, key))
+                           "hemispheres": {s.id: list(s.hemispheres) for s in m.subjects},
+                           "prob_files": probs}, key))
     results = ctx.run("aggregation", units)
     ctx.products["aggregation"] = {r.unit.name: r.result for r in results}
     rec = ctx.products.get("reconstruction", {})

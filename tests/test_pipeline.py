@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from atlasbuilder import load_atlas
-from atlasbuilder.errors import InputError, ManifestError, OutputExistsError
+from atlasbuilder.errors import ManifestError, OutputExistsError
 from atlasbuilder.pipeline import STAGE_NAMES, STAGES, build
 
 DEMO = Path(__file__).resolve().parent.parent / "data_manifests" / "demo.yaml"
@@ -52,20 +52,14 @@ def test_build_bad_manifest_lists_problems(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_settings_the_build_cannot_carry_out_are_refused_before_any_work(tmp_path):
-    text = DEMO.read_text()
-    soft = tmp_path / "soft.yaml"
-    soft.write_text(text.replace("soft: false", "soft: true"))
-    p = subprocess.run([*CLI, "build", str(soft), "-o", str(tmp_path / "x")],
+def test_protocol_the_build_cannot_carry_out_is_refused_before_any_work(tmp_path):
+    fine = tmp_path / "finetune.yaml"
+    fine.write_text(DEMO.read_text().replace("protocol: auto", "protocol: finetune"))
+    p = subprocess.run([*CLI, "build", str(fine), "-o", str(tmp_path / "x")],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2, p.stderr
-    assert f"{soft}: stages.aggregation.soft: the build aggregates hard labels only" in p.stderr
+    assert f"{fine}: stages.segmentation.protocol 'finetune' needs a checkpoint" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
-    fine = tmp_path / "finetune.yaml"
-    fine.write_text(text.replace("protocol: auto", "protocol: finetune"))
-    with pytest.raises(InputError, match="'finetune' needs a checkpoint"):
-        build(fine, tmp_path / "y", progress=False)
-    assert not (tmp_path / "y").exists()
 
 
 def test_build_bad_options_exit_2(tmp_path):
@@ -294,6 +288,42 @@ def test_changed_annotation_recomputes_only_its_brain(small_manifest, small_refe
     tr = json.loads((out / "brains" / "B01" / "registration" / "MNI152NLin2009cAsym" / "transform.json")
                     .read_text())
     assert tr["preset"] == "rigid" and tr["parameters"]["resolution_mm"] == 4.0
+
+
+@pytest.mark.slow
+def test_soft_aggregation_averages_the_cnn_probabilities(small_manifest, small_reference, tmp_path):
+    """stages.aggregation.soft: the CNN's area probabilities go through reconstruction and
+    registration, and each map is their mean over the brains (the hard labels still give the MPM
+    coverage and the statistics)."""
+    import nibabel as nib
+    import zarr
+
+    root = tmp_path / "cohort"
+    shutil.copytree(small_manifest.parent, root)
+    doc = yaml.safe_load((root / "manifest.yaml").read_text())
+    doc["stages"]["aggregation"] = {"soft": True}
+    (root / "manifest.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    out = tmp_path / "atlas"
+    shutil.copytree(small_reference, out)
+    build(root / "manifest.yaml", out, quick=True, progress=False, workers=1)
+    units = load_atlas(out).provenance["units"]
+    # the segmentation and the registrations are reused; the stacks, warps and maps are redone
+    assert all(u["cached"] for u in units["segmentation"])
+    assert all(u["cached"] for u in units["registration"] if not u["unit"].endswith("-labels"))
+    assert not any(u["cached"] for u in units["reconstruction"] + units["aggregation"])
+    space = "MNI152NLin2009cAsym"
+    assert zarr.open_group(str(out / "store.zarr"), mode="r")[space].attrs["mode"] == "soft"
+    atlas, hard_atlas = load_atlas(out), load_atlas(small_reference)
+    for region in atlas.map_regions(space):
+        key = region.key
+        mean = np.mean([nib.load(out / "brains" / b / "warped" / f"probabilities_{space}"
+                                 / f"{key}.nii.gz").get_fdata() for b in ("B01", "B02")], axis=0)
+        got = np.asarray(atlas.probability_map(key, space=space).values, dtype=np.float64)
+        np.testing.assert_allclose(got, mean, atol=0.0051, err_msg=key)  # stored in percent
+        hard = np.asarray(hard_atlas.probability_map(key, space=space).values, dtype=np.float64)
+        if hard.any():  # the same geometry: the probabilities are high where the labels are
+            assert got[hard > 0].mean() > 10 * got[hard == 0].mean(), key
+            assert not np.array_equal(got, hard), key
 
 
 def _free_port() -> int:

@@ -16,6 +16,7 @@ from atlasbuilder.errors import InputError, InvalidImageError  # noqa: E402
 from atlasbuilder.manifest import load_manifest  # noqa: E402
 from atlasbuilder.segmentation.stage import (  # noqa: E402
     StageSettings,
+    load_area_probabilities,
     load_section_labels,
     load_section_probabilities,
     position_channels,
@@ -181,6 +182,17 @@ def test_segment_subject_outputs(cohort: Path, segmented: Path) -> None:
     assert np.all(np.abs(probs.astype(int).sum(0) - 100) <= 3)
     with pytest.raises(InputError, match="no section number 12"):
         load_section_probabilities(segmented, 12)
+    # the areas' maps for soft aggregation: the CNN's on predicted sections, the expert's on
+    # annotated ones (100 % in the labelled area)
+    keys, maps = load_area_probabilities(segmented)
+    assert keys == ["hOc1_left", "hOc2_left"] and sorted(maps) == list(NUMBERS)
+    for n in NUMBERS:
+        assert maps[n].shape == (2, H, W) and maps[n].dtype == np.uint8
+        if n in ANNOTATED:
+            want = np.stack([labels[n] == ids[k] for k in keys]).astype(np.uint8) * 100
+            assert np.array_equal(maps[n], want)
+        else:
+            assert np.array_equal(maps[n], load_section_probabilities(segmented, n)[1][1:])
 
 
 def test_segment_subject_resumes(cohort: Path, cohort_model: Path, segmented: Path) -> None:
@@ -395,3 +407,33 @@ def test_tile_from_the_manifest_is_checked_and_named() -> None:
     st = settings_from_manifest(fixed)
     assert st.tile == 64 and st.tta is st.flips is True  # TTA trains with flips too
     assert settings_from_manifest(fixed.quick()).tta is False  # quick builds predict without TTA
+
+
+def test_segment_rerun_after_an_annotation_changed_retrains(tmp_path: Path) -> None:
+    """`atlasbuilder segment` into the same directory: unchanged inputs reuse everything; a
+    changed annotation retrains the cohort model and so redoes every brain."""
+    manifest = _cohort(tmp_path / "cohort")
+    out = tmp_path / "seg"
+    segment(manifest, out, device="cpu", settings=TINY, progress=False)
+
+    def stamps() -> dict[str, int]:
+        return {p: (out / p).stat().st_mtime_ns for p in
+                ("cohort_model.pt", "B01/segmentation.json", "B02/segmentation.json")}
+
+    first = stamps()
+    segment(manifest, out, device="cpu", settings=TINY, progress=False)
+    assert stamps() == first
+    ann = tmp_path / "cohort" / "annotations" / "B02" / "B02_s0001.png"
+    lab = iio.imread(ann)
+    lab[lab == 2] = 1  # the expert moves the border: area 2 of this section becomes area 1
+    iio.imwrite(ann, lab)
+    segment(manifest, out, device="cpu", settings=TINY, progress=False)
+    after = stamps()
+    assert all(after[p] != first[p] for p in first)
+    labels = load_section_labels(out / "B02")
+    assert np.array_equal(labels[1] > 0, lab > 0) and len(np.unique(labels[1])) == 2  # one area left
+    # the same for one brain on its own: another seed is another result
+    info = json.loads((out / "B01" / "segmentation.json").read_text())
+    again = segment_subject(manifest, "B01", out / "B01", init_checkpoint=out / "cohort_model.pt",
+                            settings=TINY, seed=1, progress=False)
+    assert again["inputs_key"] != info["inputs_key"] and again["seed"] == 1

@@ -8,7 +8,8 @@
 - :mod:`.training` — training with early stopping, checkpoints, fine-tuning.
 - :mod:`.pretraining` — self-supervised pretraining (masked inpainting) on unannotated sections.
 - :mod:`.stage` — the pipeline entry points: cohort model, per-brain training and prediction,
-  readers of the stage's output (:func:`load_section_labels`, :func:`load_section_probabilities`).
+  readers of the stage's output (:func:`load_section_labels`, :func:`load_section_probabilities`,
+  :func:`load_area_probabilities`).
 
 Nothing is imported eagerly: ``import atlasbuilder.segmentation`` does not import torch.
 """
@@ -40,6 +41,7 @@ _LAZY = {
     "segment": "stage",
     "load_section_labels": "stage",
     "load_section_probabilities": "stage",
+    "load_area_probabilities": "stage",
     "settings_from_manifest": "stage",
 }
 

@@ -40,13 +40,15 @@ up, are where it can pay.
 
 Outputs of :func:`segment_subject` (``out_dir``): ``sections/<name>.zarr`` (labels = class index,
 per-class uint8 probabilities) and ``segmentation.json`` (written last: classes with region ids,
-per-section records). Read them with :func:`load_section_labels` and
-:func:`load_section_probabilities`.
+per-section records). Read them with :func:`load_section_labels`,
+:func:`load_section_probabilities` and (the areas' maps of every section, for soft aggregation)
+:func:`load_area_probabilities`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -66,9 +68,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..manifest import Manifest
     from .training import SegmentationModel, TrainingConfig
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "SEGMENTATION_FORMAT",
     "StageSettings",
+    "load_area_probabilities",
     "load_section_labels",
     "load_section_probabilities",
     "position_channels",
@@ -605,14 +610,28 @@ def _run_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k != "threads"}
 
 
-def _drop_stale_predictions(out_dir: Path, st: StageSettings) -> None:
-    """Keep the section predictions of an interrupted run with the same settings (they are
-    skipped on resume); remove those of a run with other settings (another model, window or
-    TTA made them)."""
+def _inputs_key(sub: _Subject, init_checkpoint: str | os.PathLike[str] | None, seed: int) -> str:
+    """A hash of what a brain's segmentation learns from besides the settings: its annotations
+    (bytes), label mapping, section files (names and sizes), the initial checkpoint (bytes) and
+    the seed. A rerun into the same directory with other inputs redoes the brain."""
+    from ..execution import content_key
+    from ..storage import sha256_file
+
+    return content_key(
+        {str(n): sha256_file(p) for n, p in sorted(sub.annotations.items())},
+        {str(k): v for k, v in sorted(sub.mapping.items())},
+        {p.name: p.stat().st_size for p in sub.sections.values()},
+        None if init_checkpoint is None else sha256_file(Path(init_checkpoint)), int(seed))
+
+
+def _drop_stale_predictions(out_dir: Path, st: StageSettings, inputs_key: str) -> None:
+    """Keep the section predictions of an interrupted run with the same settings and inputs
+    (they are skipped on resume); remove those of a run with other settings or inputs (another
+    model, window or TTA made them)."""
     import shutil
 
     marker = out_dir / "prediction_settings.json"
-    want = _run_settings(st.as_dict())
+    want = {**_run_settings(st.as_dict()), "inputs_key": inputs_key}
     try:
         had = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError):
@@ -622,7 +641,8 @@ def _drop_stale_predictions(out_dir: Path, st: StageSettings) -> None:
     atomic_write_text(marker, json.dumps(want, indent=1))
 
 
-def _complete(out_dir: Path, sub: _Subject, st: StageSettings | None = None) -> dict[str, Any] | None:
+def _complete(out_dir: Path, sub: _Subject, st: StageSettings | None = None,
+              inputs_key: str | None = None) -> dict[str, Any] | None:
     path = out_dir / "segmentation.json"
     if not path.is_file():
         return None
@@ -636,6 +656,8 @@ def _complete(out_dir: Path, sub: _Subject, st: StageSettings | None = None) -> 
         return None
     if st is not None and _run_settings(info.get("settings", {})) != _run_settings(st.as_dict()):
         return None  # made with other settings: redo
+    if inputs_key is not None and info.get("inputs_key") != inputs_key:
+        return None  # from other annotations, another initial model or seed: redo
     names = {s["file"] for s in info.get("sections", [])}
     if names != {p.name for p in sub.sections.values()}:
         return None
@@ -688,7 +710,11 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
     st = settings or StageSettings()
     out = Path(out_dir)
     sub = _subject(m, subject_id)
-    done = _complete(out, sub, st)
+    used = init_checkpoint is not None and st.protocol != "scratch"
+    if used and not Path(str(init_checkpoint)).is_file():
+        raise MissingFileError(Path(str(init_checkpoint)), "checkpoint")
+    inputs_key = _inputs_key(sub, init_checkpoint if used else None, seed)
+    done = _complete(out, sub, st, inputs_key)
     if done is not None:
         return done
     dev = resolve_device(device)
@@ -737,7 +763,7 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
     save_checkpoint(model, out / "model.pt")
 
     t1 = time.perf_counter()
-    _drop_stale_predictions(out, st)
+    _drop_stale_predictions(out, st, inputs_key)
     window = SlidingWindow(roi_size=st.window_size, overlap=st.overlap, batch_size=st.predict_batch)
     records = []
     numbers = sorted(sub.sections)
@@ -779,6 +805,7 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
         "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint),
         "model": "model.pt",
         "settings": st.as_dict(),
+        "inputs_key": inputs_key,
         "device": str(dev),
         "seed": seed,
         "timings_s": {"train": t_train, "predict": t_pred, "total": time.perf_counter() - t0},
@@ -847,6 +874,16 @@ def _read_info(out_dir: Path) -> dict[str, Any]:
         raise InputError(f"{path}: not valid JSON ({exc})") from exc
 
 
+def _annotation_ids(info: dict[str, Any], path: Path) -> np.ndarray:
+    """An annotated section's expert labels as region ids (uint16, 0 = none)."""
+    values = {int(v): int(r) for v, r in info["label_values"].items()}
+    ann = _read_labels(path)
+    keys = np.array(sorted(values), np.int64)
+    ids = np.array([values[k] for k in keys], np.uint16)
+    pos = np.clip(np.searchsorted(keys, ann.astype(np.int64)), 0, len(keys) - 1)
+    return np.where(keys[pos] == ann, ids[pos], 0).astype(np.uint16)
+
+
 def load_section_labels(out_dir: str | os.PathLike[str]) -> dict[int, np.ndarray]:
     """Region-id label image (uint16, 0 = none) of every section of a segmented brain.
 
@@ -863,20 +900,49 @@ def load_section_labels(out_dir: str | os.PathLike[str]) -> dict[int, np.ndarray
     out = Path(out_dir)
     info = _read_info(out)
     lut = np.array([c["region_id"] for c in info["classes"]], np.uint16)
-    values = {int(v): int(r) for v, r in info["label_values"].items()}
     result: dict[int, np.ndarray] = {}
     for rec in info["sections"]:
         if rec.get("labels_from") == "annotation":
-            ann = _read_labels(Path(rec["annotation"]))
-            keys = np.array(sorted(values), np.int64)
-            ids = np.array([values[k] for k in keys], np.uint16)
-            pos = np.clip(np.searchsorted(keys, ann.astype(np.int64)), 0, len(keys) - 1)
-            lab = np.where(keys[pos] == ann, ids[pos], 0).astype(np.uint16)
+            lab = _annotation_ids(info, Path(rec["annotation"]))
         else:
             labels, _, _ = open_prediction(out / rec["prediction"])
             lab = lut[np.asarray(labels[...]).astype(np.int64)]
         result[int(rec["number"])] = lab
     return result
+
+
+def load_area_probabilities(out_dir: str | os.PathLike[str]
+                            ) -> tuple[list[str], dict[int, np.ndarray]]:
+    """The areas' probabilities on every section of a segmented brain, for soft aggregation.
+
+    Returns ``(keys, maps)``: the area classes' keys (the hierarchy's leaf keys; background and
+    other classes without a region are left out) and, per section number, a ``(K, H, W)`` uint8
+    percent array in that order. Annotated sections give their expert labels (100 % in the
+    labelled area, 0 elsewhere), as :func:`load_section_labels` does; the others the CNN's
+    probabilities.
+
+    Raises
+    ------
+    MissingFileError
+        ``out_dir`` holds no complete segmentation.
+    """
+    from .prediction import open_prediction
+
+    out = Path(out_dir)
+    info = _read_info(out)
+    areas = [c for c in info["classes"] if int(c["region_id"]) != 0]
+    index = np.array([int(c["index"]) for c in areas], np.int64)
+    ids = np.array([int(c["region_id"]) for c in areas], np.uint16)
+    result: dict[int, np.ndarray] = {}
+    for rec in info["sections"]:
+        if rec.get("labels_from") == "annotation":
+            lab = _annotation_ids(info, Path(rec["annotation"]))
+            maps = (lab[None] == ids[:, None, None]).astype(np.uint8) * np.uint8(100)
+        else:
+            _, probs, _ = open_prediction(out / rec["prediction"])
+            maps = np.asarray(probs[...], dtype=np.uint8)[index]
+        result[int(rec["number"])] = maps
+    return [str(c["key"]) for c in areas], result
 
 
 def load_section_probabilities(out_dir: str | os.PathLike[str], number: int) -> tuple[list[str], np.ndarray]:
@@ -908,7 +974,9 @@ def segment(manifest_path: str | os.PathLike[str], output_dir: str | os.PathLike
 
     A synthetic manifest is first generated (or taken from the cache), as the build does.
     Protocol ``auto``/``transfer`` trains a cohort model on all brains' annotations
-    (``output_dir/cohort_model.pt``, reused if present) and fine-tunes it per brain.
+    (``output_dir/cohort_model.pt``, reused while the annotations and training settings are
+    those it was trained on, see ``cohort_model.json``) and fine-tunes it per brain; a brain's
+    complete output is reused while its settings and inputs are unchanged.
 
     Parameters
     ----------
@@ -959,12 +1027,31 @@ def segment(manifest_path: str | os.PathLike[str], output_dir: str | os.PathLike
     init = None
     if st.protocol in ("auto", "transfer"):
         init = out / "cohort_model.pt"
-        if not init.is_file():
+        # reused while every brain's annotations and the training settings are the same
+        sidecar = out / "cohort_model.json"
+        want = {"inputs_key": _cohort_key(data, st)}
+        try:
+            had = json.loads(sidecar.read_text())
+        except (OSError, json.JSONDecodeError):
+            had = None
+        if not init.is_file() or had != want:
+            if init.is_file():
+                log.info("%s: annotations or settings changed since it was trained: retraining", init)
             train_cohort_model(data, init, settings=st, device=device, progress=progress)
+            atomic_write_text(sidecar, json.dumps(want, indent=1))
     for sid in ids:
         segment_subject(data, sid, out / sid, init_checkpoint=init, settings=st, device=device,
                         progress=progress)
     return out
+
+
+def _cohort_key(m: Manifest, st: StageSettings) -> str:
+    """What a cohort model learns from: every brain's inputs (see :func:`_inputs_key`) and the
+    settings that shape training (the prediction window and CPU threads do not)."""
+    from ..execution import content_key
+
+    train = {k: v for k, v in _run_settings(st.as_dict()).items() if k != "tile"}
+    return content_key(train, {s.id: _inputs_key(_subject(m, s.id), None, 0) for s in m.subjects})
 
 
 def _auto_device(setting: str) -> str:
