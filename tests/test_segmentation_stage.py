@@ -345,7 +345,7 @@ def test_finetune_from_a_pretrained_checkpoint(cohort: Path, tmp_path: Path) -> 
 
 
 def test_tile_and_tta_reach_the_prediction_and_a_change_redoes_it(cohort: Path, cohort_model: Path,
-                                                                   tmp_path: Path) -> None:
+                                                                   tmp_path: Path, monkeypatch) -> None:
     """``tile`` is the prediction window, ``tta`` flips each window (and trains with flips);
     outputs made with other settings are neither returned as complete nor kept section by section."""
     from dataclasses import replace
@@ -369,9 +369,21 @@ def test_tile_and_tta_reach_the_prediction_and_a_change_redoes_it(cohort: Path, 
     assert any(not np.array_equal(before[n], after[n]) for n in held_out)
     assert np.mean([np.mean(before[n] == after[n]) for n in held_out]) > 0.8
 
+    from atlasbuilder.segmentation import prediction
+
+    seen = []
+    real = prediction.predict_array
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("tta"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prediction, "predict_array", spy)
     info = segment_subject(cohort, "B01", out, init_checkpoint=cohort_model,
                            settings=replace(TINY, flips=True, tta=True), progress=False)
     assert info["settings"]["tta"] is True and info["settings"]["flips"] is True
+    # the Dice on the annotated sections (before and after fine-tuning) is scored with TTA too
+    assert seen == [True] * 2 * len(ANNOTATED)
     assert attrs(info)["tta"] is True and attrs(info)["window"]["roi_size"] == [TINY.patch_size] * 2
 
 

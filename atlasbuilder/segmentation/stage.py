@@ -835,7 +835,8 @@ def _mean_confidence(probs: Any) -> float:
 
 def _annotated_dice(model: SegmentationModel, images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
                     sub: _Subject, st: StageSettings, dev: torch.device) -> float:
-    """Mean Dice over areas of the model on the annotated sections (in memory)."""
+    """Mean Dice over areas of the model on the annotated sections (in memory), predicted as the
+    sections are (the same window and test-time flips)."""
     from .prediction import SlidingWindow, predict_array
 
     scores: dict[str, list[float]] = {}
@@ -848,7 +849,7 @@ def _annotated_dice(model: SegmentationModel, images: Sequence[np.ndarray], labe
             predictor = _positioned_predictor(model, frame, float(img[-1, 0, 0]))
             img = grey
         window = SlidingWindow(roi_size=st.window_size, overlap=st.overlap, batch_size=st.predict_batch)
-        logits = predict_array(img, predictor, window=window, device=dev)
+        logits = predict_array(img, predictor, window=window, device=dev, tta=st.tta)
         pred = np.asarray(logits).argmax(0)
         target = np.full(ann.shape, -1, np.int64)
         for v, k in sub.mapping.items():
