@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import GridMismatchError, InputError
+from .errors import AtlasDirectoryError, GridMismatchError, InputError
 from .regions import Region, RegionTree
 from .volumes import Grid
 
@@ -597,6 +597,31 @@ class StatisticsSummary:
     rows: dict[str, int]
 
 
+def _stored_map_reader(atlas_dir: Path, space: str, grid: Grid) -> Any:
+    """``region -> probability map (float64, the whole grid)`` from the space's stored maps."""
+    import zarr
+
+    path = atlas_dir / "store.zarr" / space
+    try:
+        group: Any = zarr.open_group(str(path), mode="r")
+        pmaps, ids = group["pmaps"], np.asarray(group["region"][...])
+    except Exception as exc:  # no store, no space group or no pmaps in it
+        raise AtlasDirectoryError(f"{path}: no probability maps to take the statistics' maps "
+                                  f"from ({type(exc).__name__}); aggregate the space first") from None
+    if tuple(pmaps.shape[1:]) != tuple(grid.shape):
+        raise GridMismatchError(f"{path}: maps of shape {tuple(pmaps.shape[1:])}, labels on "
+                                f"{_grid_text(grid)}")
+    column = {int(rid): i for i, rid in enumerate(ids)}
+    divisor = float(group.attrs["divisor"])
+
+    def read(r: Region) -> np.ndarray:
+        if r.id not in column:
+            return np.zeros(grid.shape)
+        return np.asarray(pmaps[column[r.id]], dtype=np.float64) / divisor
+
+    return read
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice overlap of two boolean masks; NaN when both are empty.
 
@@ -628,6 +653,7 @@ def compute_statistics(
     shrinkage: Mapping[str, float] | None = None,
     dice_space: str | None = None,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    maps_from_store: bool = False,
 ) -> StatisticsSummary:
     """Variability statistics over the brains, written atomically as CSV to ``<out_dir>/stats/``.
 
@@ -650,6 +676,11 @@ def compute_statistics(
         ``space_label_files``, normally MNI152NLin2009cAsym).
     thresholds
         Probability thresholds of the leave-one-brain-out cross-validation.
+    maps_from_store
+        Take the probability map of the probability-weighted volume and of the volumes at
+        p >= 0.25 / 0.5 from ``<out_dir>/store.zarr/<space>`` (what :func:`aggregate_space`
+        wrote: the mean soft probabilities of a soft build) instead of the fraction of brains
+        labelled. The other statistics always come from the labels.
 
     Returns
     -------
@@ -751,9 +782,10 @@ def compute_statistics(
         brain_rows += rows_here
         volumes[cs] = vol
         sums = _summaries(rows_here, cs, regions)
+        stored = _stored_map_reader(Path(out_dir), cs, grid) if maps_from_store else None
         for row, r in zip(sums, regions, strict=True):
             masks, cov, _ = crops.pop(r.key)
-            p = _probability(masks.sum(axis=0), cov.sum(axis=0))
+            p = _probability(masks.sum(axis=0), cov.sum(axis=0)) if stored is None else stored(r)
             row["pmap_weighted_volume_mm3"] = float(p.sum() * vv)
             row["volume_p25_mm3"] = float((p >= 0.25).sum() * vv)
             row["volume_p50_mm3"] = float((p >= 0.5).sum() * vv)

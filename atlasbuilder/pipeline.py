@@ -371,7 +371,7 @@ def _plain(obj: Any) -> dict[str, Any]:
 
 def _statistics(atlas_dir: str, label_files: dict[str, dict[str, str]],
                 native_files: dict[str, str], shrinkage: dict[str, float], areas: list[str],
-                hierarchy: str) -> dict[str, Any]:
+                hierarchy: str, maps_from_store: bool = False) -> dict[str, Any]:
     from .aggregation import compute_statistics
     from .regions import load_hierarchy
 
@@ -379,7 +379,8 @@ def _statistics(atlas_dir: str, label_files: dict[str, dict[str, str]],
     summary = compute_statistics(
         Path(atlas_dir), tree, _leaf_keys(tree, areas),
         {sp: {b: Path(p) for b, p in d.items()} for sp, d in label_files.items()},
-        native_label_files={b: Path(p) for b, p in native_files.items()}, shrinkage=shrinkage)
+        native_label_files={b: Path(p) for b, p in native_files.items()}, shrinkage=shrinkage,
+        maps_from_store=maps_from_store)
     return _plain(summary)
 
 
@@ -702,12 +703,14 @@ def _aggregation(ctx: BuildContext) -> StageResult:
     ctx.products["aggregation"] = {r.unit.name: r.result for r in results}
     rec = ctx.products.get("reconstruction", {})
     native = {sid: str(Path(rec[sid][1]) / "labels.nii.gz") for sid in reg}
+    from_store = [{"maps_from_store": True}] if soft else []  # hard builds keep their keys
     skey = content_key("statistics", STAGE_FORMATS["statistics"], [u.key for u in units],
-                       [rec[sid][0] for sid in sorted(reg)])
+                       [rec[sid][0] for sid in sorted(reg)], *from_store)
     stat = Unit("aggregation", "statistics", "atlasbuilder.pipeline:_statistics",
                 {"atlas_dir": str(ctx.output), "label_files": label_files, "native_files": native,
                  "shrinkage": {s.id: s.shrinkage for s in m.subjects}, "areas": list(m.areas),
-                 "hierarchy": str(tree_path)}, skey, directory=ctx.output / "stats")
+                 "hierarchy": str(tree_path), "maps_from_store": soft},
+                skey, directory=ctx.output / "stats")
     results += ctx.run("aggregation", [stat])
     return _stage_result("aggregation", results, items=len(units),
                          note=f"{len(m.spaces.reference)} spaces, {len(reg)} brains")

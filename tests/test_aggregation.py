@@ -233,6 +233,20 @@ def test_soft_mode_hemispheres_and_gap(tmp_path, tree):
     want = np.where(p_l + p_r >= 0.5, np.where(p_r > p_l, b, a), s.gap_id)
     np.testing.assert_array_equal(mpm, want)
     assert s.gap_id == max(r.id for r in tree) + 1 and atlas.gap_id() == s.gap_id
+    # the statistics' probability-weighted volumes: of the stored soft maps when asked, else of
+    # the labels (none here)
+    import pandas as pd
+
+    for from_store, want_l in ((True, left), (False, np.zeros_like(left))):
+        res = compute_statistics(tmp_path, tree, ["hOc1_left", "hOc1_right"], {SPACE: files},
+                                 maps_from_store=from_store)
+        row = pd.read_csv(res.tables["area_summary"]).set_index("area").loc["hOc1_left"]
+        assert row.pmap_weighted_volume_mm3 == pytest.approx(want_l.sum(), rel=1e-6)
+        assert row.volume_p25_mm3 == (want_l >= 0.25).sum()
+        assert row.volume_p50_mm3 == (want_l >= 0.5).sum() and row.volume_mean_mm3 == 0
+    with pytest.raises(AtlasDirectoryError, match="no probability maps"):
+        compute_statistics(tmp_path / "none", tree, ["hOc1_left"], {SPACE: files},
+                           maps_from_store=True)
 
 
 # -- statistics ----------------------------------------------------------------------------------

@@ -296,6 +296,7 @@ def test_soft_aggregation_averages_the_cnn_probabilities(small_manifest, small_r
     registration, and each map is their mean over the brains (the hard labels still give the MPM
     coverage and the statistics)."""
     import nibabel as nib
+    import pandas as pd
     import zarr
 
     root = tmp_path / "cohort"
@@ -314,6 +315,9 @@ def test_soft_aggregation_averages_the_cnn_probabilities(small_manifest, small_r
     space = "MNI152NLin2009cAsym"
     assert zarr.open_group(str(out / "store.zarr"), mode="r")[space].attrs["mode"] == "soft"
     atlas, hard_atlas = load_atlas(out), load_atlas(small_reference)
+    summary = pd.read_csv(out / "stats" / "area_summary.csv")
+    summary = summary[summary.space == space].set_index("area")
+    vv = float(np.prod(atlas.space_maps(space).grid.spacing))
     for region in atlas.map_regions(space):
         key = region.key
         mean = np.mean([nib.load(out / "brains" / b / "warped" / f"probabilities_{space}"
@@ -324,6 +328,8 @@ def test_soft_aggregation_averages_the_cnn_probabilities(small_manifest, small_r
         if hard.any():  # the same geometry: the probabilities are high where the labels are
             assert got[hard > 0].mean() > 10 * got[hard == 0].mean(), key
             assert not np.array_equal(got, hard), key
+        # the statistics' probability-weighted volume is that of the soft map
+        assert summary.loc[key].pmap_weighted_volume_mm3 == pytest.approx(got.sum() * vv, rel=1e-4)
 
 
 def _free_port() -> int:
