@@ -398,9 +398,12 @@ def _pmap_figure(atlas: Atlas, space: str, template: nib.Nifti1Image | None,
         cb = fig.colorbar(im, cax=cax)
         cb.set_label("probability", color="w")
         cb.ax.tick_params(colors="w")
+    how = {"hard": " Each map is the fraction of the brains whose labels put the area at the voxel.",
+           "soft": " Each map is the mean over the brains of the CNN's probability for the area "
+                   "(soft aggregation)."}.get(str(atlas.maps(space).attrs.get("mode")), "")
     return _figure(f"pmaps-{space}", _png(fig),
                    f"Probability maps in {space} over the template, each at the axial slice of its "
-                   f"maximum (p ≥ 0.01; neurological view, left on the left).{note}")
+                   f"maximum (p ≥ 0.01; neurological view, left on the left).{how}{note}")
 
 
 def _extra_maps(atlas: Atlas, space: str, template: nib.Nifti1Image | None) -> list[str]:
