@@ -531,12 +531,15 @@ def _warp(chain: Sequence[Transform], ds: xr.Dataset | xr.DataArray,
     paths, inv = _flags(files)
     fixed = _ants_image(np.zeros(tgrid.shape, np.float32), tgrid)
     stack = da.transpose("region", "x", "y", "z").values if "region" in da.dims else da.values[None]
-    out = np.empty((stack.shape[0], *tgrid.shape), dtype=np.float32)
-    for i, arr in enumerate(stack):
-        moving = _ants_image(np.asarray(arr, np.float32), sgrid)
-        w = ants.apply_transforms(fixed, moving, paths, interpolator=_ANTS_INTERP[interpolation],
-                                  whichtoinvert=inv, defaultvalue=float(default))
-        out[i] = w.numpy()
+    if interpolation == "linear" and stack.shape[0] >= STACK_BY_COORDINATES:
+        out = _warp_stack_by_coordinates(ants, fixed, stack, sgrid, paths, inv, float(default))
+    else:
+        out = np.empty((stack.shape[0], *tgrid.shape), dtype=np.float32)
+        for i, arr in enumerate(stack):
+            moving = _ants_image(np.asarray(arr, np.float32), sgrid)
+            w = ants.apply_transforms(fixed, moving, paths, interpolator=_ANTS_INTERP[interpolation],
+                                      whichtoinvert=inv, defaultvalue=float(default))
+            out[i] = w.numpy()
     dtype = da.dtype
     res: np.ndarray
     if interpolation == "linear" or not (np.issubdtype(dtype, np.integer) or dtype is np.dtype(bool)):
@@ -550,6 +553,34 @@ def _warp(chain: Sequence[Transform], ds: xr.Dataset | xr.DataArray,
     if "region" in da.dims:
         outds = outds.assign_coords({k: v for k, v in da.coords.items() if "region" in v.dims})
     return outds
+
+
+# a linear warp of this many maps or more goes through the source position of every target voxel
+STACK_BY_COORDINATES = 4
+
+
+def _warp_stack_by_coordinates(ants: Any, fixed: Any, stack: np.ndarray, sgrid: Grid,
+                               paths: list[str], inv: list[bool], default: float) -> np.ndarray:
+    """Linear warp of a stack of maps: ANTs warps the three source voxel-index images once (a
+    trilinear interpolation of a linear function is exact, so each target voxel gets its exact
+    source position, clamped at the border as ANTs clamps), then every map is interpolated there.
+    The same values as one ANTs warp per map, at three warps' cost instead of one per map."""
+    from scipy import ndimage
+
+    pos = []
+    for axis in range(3):
+        index = np.broadcast_to(np.arange(sgrid.shape[axis], dtype=np.float32).reshape(
+            [-1 if a == axis else 1 for a in range(3)]), sgrid.shape)
+        w = ants.apply_transforms(fixed, _ants_image(index, sgrid), paths, interpolator="linear",
+                                  whichtoinvert=inv, defaultvalue=-1.0)
+        pos.append(w.numpy())
+    inside = (pos[0] >= 0) & (pos[1] >= 0) & (pos[2] >= 0)  # -1: beyond the source image
+    where = np.stack([p[inside] for p in pos]).astype(np.float64)
+    out = np.full((stack.shape[0], *inside.shape), default, dtype=np.float32)
+    for i, arr in enumerate(stack):
+        out[i][inside] = ndimage.map_coordinates(np.asarray(arr, np.float32), where, order=1,
+                                                 mode="nearest", prefilter=False)
+    return out
 
 
 def _parse_file_entry(entry: Any, base: Path | None, what: str) -> tuple[str, bool]:

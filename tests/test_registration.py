@@ -151,6 +151,32 @@ def test_label_warp_keeps_labels_and_dtype(affine_tr, pair):
                                               pair[1])["image"].values, atol=1e-6)
 
 
+def test_stack_warp_by_coordinates_equals_one_warp_per_map(syn_tr, pair, tmp_path, monkeypatch):
+    """A stack of >= STACK_BY_COORDINATES maps is warped through the source position of every
+    target voxel: the same values as one ANTs warp per map (SyN, and a two-hop graph path),
+    maps that reach the source image's border included."""
+    g = grid_of(pair[0])
+    rng = np.random.default_rng(5)
+    maps = ndimage.gaussian_filter(rng.random((6, *g.shape)), (0, 2, 2, 2)).astype(np.float32)
+    maps[1] = 0
+    maps[1][:, :, :3] = 1.0  # a slab on the border of the source grid
+    maps[2] = (maps[2] > np.median(maps[2])).astype(np.float32)  # hard edges
+    stack = from_array(np.moveaxis(maps, 0, -1), g, SUBJ, name="probability")
+    mat = _write_mat(tmp_path / "mni_bb.mat", (3.0, -2.0, 1.0), matrix=np.diag([1.02, 0.98, 1.0]))
+    graph = R.TransformGraph()
+    graph.add(syn_tr)
+    graph.add(R.transform_from_files(MNI, "BigBrain", [mat]))
+    assert len(maps) >= R.STACK_BY_COORDINATES
+    fast = [syn_tr.warp(stack, pair[1]), graph.warp(stack, "BigBrain", g)]
+    monkeypatch.setattr(R, "STACK_BY_COORDINATES", 10**9)
+    slow = [syn_tr.warp(stack, pair[1]), graph.warp(stack, "BigBrain", g)]
+    for f, sl in zip(fast, slow, strict=True):
+        a, b = f["probability"].values, sl["probability"].values
+        assert a.shape == b.shape and a.dtype == b.dtype == np.float32
+        assert (b[1] > 0.5).sum() > 0  # the border slab reached the target grid
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
 # --- the graph -----------------------------------------------------------------------------
 def test_graph_composes_and_inverts(syn_tr, pair, tmp_path):
     mat = _write_mat(tmp_path / "mni_bb.mat", (3.0, -2.0, 1.0), matrix=np.diag([1.02, 0.98, 1.0]))
