@@ -311,10 +311,10 @@ def _warp_brain(subject: str, recon_dir: str, registration_dir: str, template_di
             sub = out / f"probabilities_{space}"
             sub.mkdir(exist_ok=True)
             prob_files[space] = {}
+            # the maps together: their source positions are computed once (see registration)
+            stack = graph.warp(probs, space, grid_ds, interpolation="linear")["probability"]
             for i, key in enumerate(rec.probability_keys):
-                one = probs["probability"].isel(region=i).astype(np.float32)
-                warped = graph.warp(one, space, grid_ds, interpolation="linear")
-                img = to_nifti(warped)
+                img = to_nifti(stack.isel(region=i))
                 pct = np.clip(np.rint(np.asanyarray(img.dataobj)), 0, 100).astype(np.uint8)
                 out_img = type(img)(pct, img.affine, img.header)
                 out_img.header.set_data_dtype(np.uint8)

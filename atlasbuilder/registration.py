@@ -543,7 +543,7 @@ def _warp(chain: Sequence[Transform], ds: xr.Dataset | xr.DataArray,
     dtype = da.dtype
     res: np.ndarray
     if interpolation == "linear" or not (np.issubdtype(dtype, np.integer) or dtype is np.dtype(bool)):
-        res = out.astype(np.float32)
+        res = out.astype(np.float32, copy=False)
     else:
         res = np.rint(out).astype(dtype)
     data = np.moveaxis(res, 0, -1) if "region" in da.dims else res[0]
