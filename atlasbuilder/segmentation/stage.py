@@ -920,12 +920,7 @@ def load_area_probabilities(out_dir: str | os.PathLike[str]
     other classes without a region are left out) and, per section number, a ``(K, H, W)`` uint8
     percent array in that order. Annotated sections give their expert labels (100 % in the
     labelled area, 0 elsewhere), as :func:`load_section_labels` does; the others the CNN's
-    probabilities.
-
-    Raises
-    ------
-    MissingFileError
-        ``out_dir`` holds no complete segmentation.
+    probabilities. Raises what :func:`load_section_labels` raises.
     """
     from .prediction import open_prediction
 
