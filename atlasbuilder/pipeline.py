@@ -290,40 +290,50 @@ def _warp_brain(subject: str, recon_dir: str, registration_dir: str, template_di
         if (d / "transform.json").is_file():
             graph.add(load_transform(d))
     labels = read_nifti(Path(recon_dir) / "labels.nii.gz", space=src)
+    rec = load_reconstruction(recon_dir)
+    probs = None
+    if rec.probabilities_path is not None:
+        probs = read_nifti(rec.probabilities_path, space=src, name="probability", allow_4d=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = {}
+    files: dict[str, str] = {}
+    prob_files: dict[str, dict[str, str]] = {}
     for space in spaces:
         grid_ds = get_space(space, templates=templates).load_template()
         warped = graph.warp(labels, space, grid_ds, interpolation="label")
         path = out / f"labels_{space}.nii.gz"
         _save_nifti(to_nifti(warped), path)
         files[space] = str(path)
+        if probs is not None:
+            prob_files[space] = _warp_probabilities(graph, probs, rec.probability_keys, space,
+                                                    grid_ds, out / f"probabilities_{space}")
     result: dict[str, Any] = {"labels": files}
-    rec = load_reconstruction(recon_dir)
-    if rec.probabilities_path is not None:
-        import numpy as np
-
-        probs = read_nifti(rec.probabilities_path, space=src, name="probability", allow_4d=True)
-        prob_files: dict[str, dict[str, str]] = {}
-        for space in spaces:
-            grid_ds = get_space(space, templates=templates).load_template()
-            sub = out / f"probabilities_{space}"
-            sub.mkdir(exist_ok=True)
-            prob_files[space] = {}
-            # the maps together: their source positions are computed once (see registration)
-            stack = graph.warp(probs, space, grid_ds, interpolation="linear")["probability"]
-            for i, key in enumerate(rec.probability_keys):
-                img = to_nifti(stack.isel(region=i))
-                pct = np.clip(np.rint(np.asanyarray(img.dataobj)), 0, 100).astype(np.uint8)
-                out_img = type(img)(pct, img.affine, img.header)
-                out_img.header.set_data_dtype(np.uint8)
-                out_img.header.set_slope_inter(0.01, 0.0)
-                path = sub / f"{key}.nii.gz"
-                _save_nifti(out_img, path)
-                prob_files[space][key] = str(path)
+    if probs is not None:
         result["probabilities"] = prob_files
     return result
+
+
+def _warp_probabilities(graph: Any, probs: Any, keys: Sequence[str], space: str, grid_ds: Any,
+                        out: Path) -> dict[str, str]:
+    """Warp a stack of area maps into ``space`` (linearly, together: their source positions are
+    computed once, see registration) and write one uint8-percent file per area."""
+    import numpy as np
+
+    from .volumes import to_nifti
+
+    out.mkdir(exist_ok=True)
+    stack = graph.warp(probs, space, grid_ds, interpolation="linear")["probability"]
+    files = {}
+    for i, key in enumerate(keys):
+        img = to_nifti(stack.isel(region=i))
+        pct = np.clip(np.rint(np.asanyarray(img.dataobj)), 0, 100).astype(np.uint8)
+        out_img = type(img)(pct, img.affine, img.header)
+        out_img.header.set_data_dtype(np.uint8)
+        out_img.header.set_slope_inter(0.01, 0.0)  # readers see 0..1
+        path = out / f"{key}.nii.gz"
+        _save_nifti(out_img, path)
+        files[key] = str(path)
+    return files
 
 
 def _save_nifti(img: Any, path: Path) -> None:
