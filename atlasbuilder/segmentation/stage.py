@@ -624,6 +624,14 @@ def _inputs_key(sub: _Subject, init_checkpoint: str | os.PathLike[str] | None, s
         None if init_checkpoint is None else sha256_file(Path(init_checkpoint)), int(seed))
 
 
+def _json_or_none(path: Path) -> Any:
+    """A JSON file's content; None when it is missing or unreadable (a marker to redo work)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def _drop_stale_predictions(out_dir: Path, st: StageSettings, inputs_key: str) -> None:
     """Keep the section predictions of an interrupted run with the same settings and inputs
     (they are skipped on resume); remove those of a run with other settings or inputs (another
@@ -632,23 +640,15 @@ def _drop_stale_predictions(out_dir: Path, st: StageSettings, inputs_key: str) -
 
     marker = out_dir / "prediction_settings.json"
     want = {**_run_settings(st.as_dict()), "inputs_key": inputs_key}
-    try:
-        had = json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
-        had = None
-    if had != want and (out_dir / "sections").exists():
+    if _json_or_none(marker) != want and (out_dir / "sections").exists():
         shutil.rmtree(out_dir / "sections")
     atomic_write_text(marker, json.dumps(want, indent=1))
 
 
 def _complete(out_dir: Path, sub: _Subject, st: StageSettings | None = None,
               inputs_key: str | None = None) -> dict[str, Any] | None:
-    path = out_dir / "segmentation.json"
-    if not path.is_file():
-        return None
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    info = _json_or_none(out_dir / "segmentation.json")
+    if not isinstance(info, dict):
         return None
     if info.get("format") != SEGMENTATION_FORMAT or info.get("subject") != sub.id:
         return None
@@ -1026,11 +1026,7 @@ def segment(manifest_path: str | os.PathLike[str], output_dir: str | os.PathLike
         # reused while every brain's annotations and the training settings are the same
         sidecar = out / "cohort_model.json"
         want = {"inputs_key": _cohort_key(data, st)}
-        try:
-            had = json.loads(sidecar.read_text())
-        except (OSError, json.JSONDecodeError):
-            had = None
-        if not init.is_file() or had != want:
+        if not init.is_file() or _json_or_none(sidecar) != want:
             if init.is_file():
                 log.info("%s: annotations or settings changed since it was trained: retraining", init)
             train_cohort_model(data, init, settings=st, device=device, progress=progress)
