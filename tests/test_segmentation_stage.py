@@ -396,6 +396,16 @@ def test_tta_needs_flips_and_flips_no_positions() -> None:
     assert not StageSettings().training_config(10, 1e-3).augmentation.flips
 
 
+def test_geometric_augmentation_reaches_training_and_is_checked() -> None:
+    aug = StageSettings(rotation_deg=20, scale=0.15, elastic_px=3).training_config(10, 1e-3).augmentation
+    assert (aug.rotation_deg, aug.scale, aug.elastic_px) == (20.0, 0.15, 3.0)
+    off = StageSettings(rotation_deg=0, scale=0, elastic_px=0).training_config(10, 1e-3).augmentation
+    assert (off.rotation_deg, off.scale, off.elastic_px) == (0.0, 0.0, 0.0)
+    for bad in ({"rotation_deg": -1}, {"scale": 1.0}, {"elastic_px": float("nan")}):
+        with pytest.raises(InputError, match="augmentation needs"):
+            StageSettings(**bad)
+
+
 @pytest.mark.parametrize("tile", [0, 33, 3])
 def test_tile_must_fit_the_network(tile: int) -> None:
     with pytest.raises(InputError, match="tile must be a positive multiple of 32"):
