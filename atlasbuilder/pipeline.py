@@ -436,7 +436,13 @@ def _segmentation(ctx: BuildContext) -> StageResult:
     threads = 1
     resources = {"GPU": 1.0} if device.startswith("cuda") and ctx.executor.scheduler else None
     base = _common(ctx)
-    seg_params = st.model_dump(mode="json")
+    # the keys hold the settings the stage will really use (the manifest's keys resolved with the
+    # stage's defaults), so a changed default of the training recipe redoes cached segmentations
+    from .segmentation.stage import settings_from_manifest
+
+    resolved = {k: v for k, v in settings_from_manifest(ctx.manifest).as_dict().items()
+                if k != "threads"}
+    seg_params = {**st.model_dump(mode="json"), "resolved": resolved}
     inputs = {}
     for s in m.subjects:
         inputs[s.id] = {"sections": fp.files(m.section_files(s.id)),
@@ -454,7 +460,8 @@ def _segmentation(ctx: BuildContext) -> StageResult:
         ckpt = ctx.output / "models" / "cohort" / "model.pt"
         # the prediction window does not change the cohort model: not in its key (tta does: it
         # trains with flips)
-        train_params = {k: v for k, v in seg_params.items() if k != "tile"}
+        train_params = {**{k: v for k, v in seg_params.items() if k != "tile"},
+                        "resolved": {k: v for k, v in resolved.items() if k != "tile"}}
         init_key = content_key("segmentation-cohort", STAGE_FORMATS["segmentation"], inputs,
                                train_params, m.areas, ctx.manifest.seed, ctx.quick)
         unit = Unit("segmentation", "cohort-model", "atlasbuilder.pipeline:_train_cohort_model",

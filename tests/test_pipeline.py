@@ -291,6 +291,33 @@ def test_changed_annotation_recomputes_only_its_brain(small_manifest, small_refe
 
 
 @pytest.mark.slow
+def test_a_changed_default_of_the_training_recipe_redoes_the_segmentation(small_manifest, small_reference,
+                                                                          tmp_path, monkeypatch):
+    """The segmentation keys hold the settings the stage really uses, not only the manifest's
+    keys: a new default of the stage (here a smaller rotation of the training patches) must not
+    leave a cached segmentation trained the old way."""
+    from dataclasses import replace
+
+    from atlasbuilder.segmentation import stage
+
+    out = tmp_path / "atlas"
+    shutil.copytree(small_reference, out)
+
+    def units() -> dict[str, bool]:
+        prov = json.loads((out / "provenance.json").read_text())
+        return {u["unit"]: u["cached"] for u in prov["units"]["segmentation"]}
+
+    build(small_manifest, out, quick=True, progress=False, workers=1, until="segmentation")
+    assert all(units().values())
+    original = stage.settings_from_manifest
+    monkeypatch.setattr(stage, "settings_from_manifest", lambda m: replace(original(m), rotation_deg=10.0))
+    build(small_manifest, out, quick=True, progress=False, workers=1, until="segmentation")
+    assert units() and not any(units().values())
+    info = json.loads((out / "brains" / "B01" / "segmentation" / "segmentation.json").read_text())
+    assert info["settings"]["rotation_deg"] == 10.0
+
+
+@pytest.mark.slow
 def test_soft_aggregation_averages_the_cnn_probabilities(small_manifest, small_reference, tmp_path):
     """stages.aggregation.soft: the CNN's area probabilities go through reconstruction and
     registration, and each map is their mean over the brains (the hard labels still give the MPM
