@@ -309,6 +309,13 @@ def test_a_changed_default_of_the_training_recipe_redoes_the_segmentation(small_
 
     build(small_manifest, out, quick=True, progress=False, workers=1, until="segmentation")
     assert all(units().values())
+    # resolving the settings stays cheap: a cached rebuild does not load torch
+    code = ("import sys; from atlasbuilder.pipeline import build; "
+            f"build({str(small_manifest)!r}, {str(out)!r}, quick=True, progress=False, workers=1, "
+            "until='segmentation'); print('torch' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "False"
     original = stage.settings_from_manifest
     monkeypatch.setattr(stage, "settings_from_manifest", lambda m: replace(original(m), rotation_deg=10.0))
     build(small_manifest, out, quick=True, progress=False, workers=1, until="segmentation")

@@ -28,27 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from .shapes import INPUT_MODES, input_multiple
 
 __all__ = ["INPUT_MODES", "NORMS", "ContextEncoder", "UNet", "input_multiple"]
 
 NORMS = ("batch", "instance", "group", "none")
-INPUT_MODES = ("average", "unshuffle")
-
-
-def input_multiple(depth: int, input_pool: int, input_mode: str) -> int:
-    """What a patch side must be a multiple of for this network input (``input_pool`` x
-    ``2**(depth - 1)``), after checking ``input_pool`` and ``input_mode``.
-
-    Raises
-    ------
-    InputError
-        ``input_pool`` below 1 or an unknown ``input_mode``.
-    """
-    if int(input_pool) < 1:
-        raise InputError(f"input_pool must be at least 1, got {input_pool!r}")
-    if input_mode not in INPUT_MODES:
-        raise InputError(f"input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
-    return 2 ** (int(depth) - 1) * int(input_pool)
 
 
 def _norm(kind: str, channels: int) -> nn.Module:

@@ -189,7 +189,7 @@ class StageSettings:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        from .networks import input_multiple
+        from .shapes import input_multiple
 
         if self.protocol not in PROTOCOLS:
             raise InputError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
