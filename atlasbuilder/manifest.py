@@ -86,14 +86,18 @@ __all__ = [
 FORMAT_VERSION = 1
 """The manifest format this module reads (``format_version`` in the file)."""
 
-QUICK_EPOCHS = 3
-"""Training epochs at most in quick mode (:meth:`Manifest.quick`)."""
+QUICK_EPOCHS = 16
+"""Training epochs at most in quick mode (:meth:`Manifest.quick`): 1000 cohort steps, 40 per brain.
+With 3 (188 cohort steps) the network predicted background everywhere outside the annotated
+sections (mean Dice 0.000 on the quick demo cohort) and the quick atlas's areas were 96 % too small;
+16 epochs of a 16-map network reached 0.26 there (0.20 at 12 epochs; 2500 steps and 32 maps: 0.40)."""
 
 QUICK_VOXEL_SIZE_MM = 1.0
 """Reconstruction voxel size at least in quick mode (:meth:`Manifest.quick`)."""
 
-QUICK_WIDTH = 8
-"""Feature maps of the segmentation network at most in quick mode (:meth:`Manifest.quick`)."""
+QUICK_WIDTH = 16
+"""Feature maps of the segmentation network at most in quick mode (:meth:`Manifest.quick`): after
+1000 steps 8 maps reached mean Dice 0.20, 16 maps 0.23, 32 maps 0.24 for 1.7x the time of 16."""
 
 BUILTIN_MANIFESTS = {"demo": "demo.yaml", "template": "template.yaml"}
 

@@ -28,7 +28,9 @@ demo cohort (mean Dice over areas on all non-annotated sections, 10 brains): blo
 with 8 maps 0.351, with 32 maps 0.425 (the default; about 1.5x the training and prediction time
 of 8 maps); block means with 8 maps reached 0.345 on the cohort's previous truth. With 8 maps the
 network did not even fit its own training sections (Dice 0.60-0.71 on them). A manifest sets the
-width with ``stages.segmentation.width``; quick builds cap it at 8 (``manifest.QUICK_WIDTH``).
+width with ``stages.segmentation.width``; quick builds cap it at 16 (``manifest.QUICK_WIDTH``)
+and train for 16 epochs (``manifest.QUICK_EPOCHS``: 1000 cohort steps), 0.25 on the quick
+cohort; with 8 maps and 3 epochs (188 steps) the network had predicted background everywhere.
 
 Training patches are rotated (within ±30 degrees), zoomed (±20 %) and elastically displaced (4 px)
 by default (``rotation_deg``, ``scale``, ``elastic_px``). Without it the network memorised its
@@ -243,8 +245,8 @@ class StageSettings:
 def settings_from_manifest(manifest: Manifest) -> StageSettings:
     """:class:`StageSettings` from ``stages.segmentation``: ``protocol``, ``tile``, ``overlap``,
     ``batch_size``, ``width``, ``tta`` (which also trains with ``flips``); ``epochs`` scales every
-    number of training steps relative to its default of 40 (so a quick build's 3 epochs trains for
-    3/40 of the steps, at least 40 for the cohort model).
+    number of training steps relative to its default of 40 (so a quick build's 16 epochs train for
+    16/40 of the steps, at least 40 for the cohort model).
 
     Raises
     ------
