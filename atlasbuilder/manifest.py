@@ -90,7 +90,7 @@ QUICK_EPOCHS = 16
 """Training epochs at most in quick mode (:meth:`Manifest.quick`): 1000 cohort steps, 40 per brain.
 With 3 (188 cohort steps) the network predicted background everywhere outside the annotated
 sections (mean Dice 0.000 on the quick demo cohort) and the quick atlas's areas were 96 % too small;
-16 epochs of a 16-map network reached 0.26 there (0.20 at 12 epochs; 2500 steps and 32 maps: 0.40)."""
+16 epochs of a 16-map network reached 0.25 there (0.20 at 12 epochs; 2500 steps and 32 maps: 0.40)."""
 
 QUICK_VOXEL_SIZE_MM = 1.0
 """Reconstruction voxel size at least in quick mode (:meth:`Manifest.quick`)."""
