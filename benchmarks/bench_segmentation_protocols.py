@@ -10,6 +10,11 @@ against ``truth/subjects/<id>/sections/<name>.png``, mean over the areas present
   (leave-one-out), fine-tuned on the brain's own annotations;
 - ``build``        : the build's protocol (``auto``): one cohort model on ALL brains' annotations,
   fine-tuned per brain (what ``atlasbuilder segment`` does).
+- ``selftrain``    : ``build``, then one round of self-training per brain: the brain's pixels
+  predicted with at least ``--pseudo-threshold`` confidence on its non-annotated sections become
+  pseudo-labels (the rest is ignored), the brain's model is fine-tuned on them and its annotations
+  for ``--pseudo-steps`` more steps and predicts again. Compare it with ``build`` given as many
+  fine-tuning steps (``--set finetune_iterations=...``): on the quick cohort both gained the same.
 - ``dense``        : a diagnostic, not a protocol: a cohort model trained on the TRUE labels of
   every ``--dense-every``-th section of the brains NOT in ``--brains`` (far more annotations than
   any lab has), fine-tuned on each scored brain's own 2 annotated sections. It measures whether
@@ -23,6 +28,7 @@ Usage::
         --protocols scratch,pretrain,transfer --brains B01,B02,B03
     nice python benchmarks/bench_segmentation_protocols.py --cohort default --protocols dense \
         --brains B09,B10
+    nice python benchmarks/bench_segmentation_protocols.py --cohort quick --protocols build,selftrain
 
 Prints a per-brain and per-area table and minutes per brain; ``--json`` writes the numbers.
 """
@@ -97,7 +103,13 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="keep outputs here (default: a temporary directory)")
     ap.add_argument("--dense-every", type=int, default=3,
                     help="dense protocol: train on every k-th section of the other brains (default 3)")
+    ap.add_argument("--pseudo-threshold", type=float, default=0.9,
+                    help="selftrain: least predicted probability of a pseudo-labelled pixel (default 0.9)")
+    ap.add_argument("--pseudo-steps", type=int, default=300,
+                    help="selftrain: fine-tuning steps on annotations + pseudo-labels (default 300)")
     args = ap.parse_args()
+    if not 0 < args.pseudo_threshold <= 1 or args.pseudo_steps < 1:
+        ap.error("--pseudo-threshold must be in (0, 1] and --pseudo-steps at least 1")
     if "dense" in args.protocols.split(",") and not args.brains:
         ap.error("the dense protocol trains on the brains not scored: give --brains")
     if args.dense_every < 1:
@@ -132,10 +144,12 @@ def main() -> None:
         t0 = time.perf_counter()
         res: dict = {"brains": {}, "minutes": {}}
         base = work / protocol
-        if protocol in ("build", "dense"):
+        if protocol == "selftrain":
+            base = work / "build"  # the build protocol's models and predictions are its start
+        if protocol in ("build", "dense", "selftrain"):
             tc = time.perf_counter()
             ck = base / "cohort_model.pt"
-            if not ck.exists() and protocol == "build":
+            if not ck.exists() and protocol in ("build", "selftrain"):
                 train_cohort_model(manifest, ck, settings=st, progress=False)
             elif not ck.exists():
                 dense = load_manifest(_dense_manifest(cohort, base / "manifest", args.dense_every))
@@ -144,9 +158,12 @@ def main() -> None:
         for sid in ids:
             tb = time.perf_counter()
             out = base / sid
-            if protocol in ("build", "dense"):
+            if protocol in ("build", "dense", "selftrain"):
                 segment_subject(manifest, sid, out, init_checkpoint=base / "cohort_model.pt", settings=st,
                                 progress=False)
+                if protocol == "selftrain":
+                    out = _self_train(manifest, sid, out, work / "selftrain" / sid, st,
+                                      args.pseudo_threshold, args.pseudo_steps)
             elif protocol == "scratch":
                 segment_subject(manifest, sid, out, settings=replace(st, protocol="scratch"),
                                 progress=False)
@@ -245,6 +262,48 @@ def _pretrain(manifest: Any, sid: str, path: Path, st: Any) -> None:
                             max_iterations=st.scratch_iterations // 2)
     model, _ = pretrain(imgs, config=cfg, progress=False)
     save_checkpoint(model, path)
+
+
+def _self_train(manifest: Any, sid: str, first: Path, out: Path, st: Any, threshold: float,
+                steps: int) -> Path:
+    """One round of self-training from the brain's segmentation in ``first`` (see the module
+    docstring); writes its predictions and a ``segmentation.json`` that :func:`score` reads to
+    ``out`` and returns ``out``."""
+    from atlasbuilder.segmentation.prediction import SlidingWindow, predict_file
+    from atlasbuilder.segmentation.stage import (
+        _read_image,
+        _read_info,
+        _subject,
+        _training_inputs,
+        load_section_probabilities,
+    )
+    from atlasbuilder.segmentation.training import train
+
+    if (out / "segmentation.json").is_file():
+        return out
+    sub = _subject(manifest, sid)
+    images, annotations, _ = _training_inputs(sub, st)
+    # class index + 1 for every pixel (0: ignored), for the annotations and the pseudo-labels alike
+    lut = np.zeros(max(sub.mapping) + 1, np.int32)
+    for value, key in sub.mapping.items():
+        lut[value] = sub.classes.index(key) + 1 if key is not None else 0
+    labels = [lut[a] for a in annotations]
+    for n in sorted(set(sub.sections) - set(sub.annotations)):
+        _, probs = load_section_probabilities(first, n)
+        images.append(_read_image(sub.sections[n]))
+        labels.append(np.where(probs.max(0) >= threshold * 100, probs.argmax(0) + 1, 0).astype(np.int32))
+    mapping = {0: None, **{i + 1: c for i, c in enumerate(sub.classes)}}
+    model, _ = train(images, labels, mapping, classes=sub.classes,
+                     config=st.training_config(steps, st.finetune_lr), init=str(first / "model.pt"))
+    info = _read_info(first)
+    window = SlidingWindow(roi_size=st.window_size, overlap=st.overlap, batch_size=st.predict_batch)
+    for rec in info["sections"]:
+        store = predict_file(sub.sections[int(rec["number"])], out / "sections", model,
+                             classes=sub.classes, window=window)
+        rec["prediction"] = str(store.relative_to(out))
+    info["note"] = f"self-trained from {first} (pseudo-labels at >= {threshold}, {steps} steps)"
+    (out / "segmentation.json").write_text(json.dumps(info, indent=1))
+    return out
 
 
 def _table(results: dict) -> None:
