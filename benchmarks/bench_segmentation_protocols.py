@@ -279,6 +279,9 @@ def _self_train(manifest: Any, sid: str, first: Path, out: Path, st: Any, thresh
     )
     from atlasbuilder.segmentation.training import train
 
+    if st.positions:
+        raise SystemExit("the selftrain protocol does not add position channels to the pseudo-labelled "
+                         "sections: run it without --set positions=True")
     if (out / "segmentation.json").is_file():
         return out
     sub = _subject(manifest, sid)
