@@ -13,7 +13,9 @@ Maximum probability map (in the spirit of Eickhoff et al. 2005, 2006)
     1. each voxel takes the area of highest probability;
     2. ties (exactly equal probabilities) go to the tied area with the highest mean probability
        over the voxel's 26 neighbours (voxels beyond the grid count as 0);
-    3. remaining ties go to the area that comes first in ``areas`` (a fixed order);
+    3. remaining ties go to the area that comes first in ``areas`` (a fixed order); neighbourhood
+       means within ``1e-6`` of each other count as tied, so that float rounding (maps held as
+       float32 or float64, or as stored hundredths) cannot decide between them;
     4. a voxel whose total probability ``sum_a p_a(v)`` is below ``mpm_min_probability`` (or is
        0) gets no area (0);
     5. with ``gap_label``, voxels of the cortex mask left without an area get the gap label.
@@ -71,6 +73,7 @@ log = logging.getLogger(__name__)
 
 GAP_KEY = "gap"
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+_MEAN_TIE = 1e-6  # neighbourhood means closer than this are tied (MPM rule, step 3)
 _OFFSETS_26 = np.array([(i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)
                         if (i, j, k) != (0, 0, 0)], dtype=np.int64)
 
@@ -365,7 +368,7 @@ def maximum_probability_map(
                 continue
             vals = np.where(ok, p[nbc[..., 0], nbc[..., 1], nbc[..., 2]], 0.0)
             mean = vals.sum(axis=1) / len(_OFFSETS_26)
-            win = cand & (mean > best_nb)  # strict: an earlier area keeps a tie
+            win = cand & (mean > best_nb + _MEAN_TIE)  # an earlier area keeps a tie
             t_best[win] = i
             best_nb[win] = mean[win]
         best[tuple(tied.T)] = t_best

@@ -40,7 +40,7 @@ __all__ = ["STAGES", "StageResult", "build"]
 
 # bump a stage's number when its outputs change for the same inputs (invalidates caches)
 STAGE_FORMATS = {"segmentation": 1, "reconstruction": 1, "registration": 2, "templates": 3,
-                 "aggregation": 1, "statistics": 1, "exports": 1}
+                 "aggregation": 2, "statistics": 1, "exports": 1}
 
 
 @dataclass

@@ -79,6 +79,16 @@ def test_mpm_rule_hand_cases():
     assert maximum_probability_map(q[::-1], [6, 5])[1, 1, 1] == 6
     q[1, 0, 0, 0] = 0.1  # one neighbour of the centre favours area 6
     assert maximum_probability_map(q, [5, 6])[1, 1, 1] == 6
+    # neighbourhoods equal but for float rounding (0.1 + 0.2 > 0.3 in float64): still a tie, the
+    # fixed order decides, whether the maps come as float64 or float32 (e.g. read from a store)
+    e = np.zeros((2, 3, 3, 3))
+    e[:, 1, 1, 1] = 0.5
+    e[0, 0, 0, 0] = 0.3
+    e[1, 0, 0, 0], e[1, 2, 2, 2] = 0.1, 0.2
+    assert 0.1 + 0.2 != 0.3
+    for maps in (e, e.astype(np.float32)):
+        assert maximum_probability_map(maps, [6, 5])[1, 1, 1] == 6
+        assert maximum_probability_map(maps[::-1], [5, 6])[1, 1, 1] == 5
     # threshold on the total probability, not the maximum: 0.15 + 0.15 = 0.3 >= 0.3
     r = np.zeros((2, 2, 1, 1))
     r[:, 0, 0, 0] = [0.15, 0.15]
