@@ -39,7 +39,7 @@ log = logging.getLogger("atlasbuilder")
 __all__ = ["STAGES", "StageResult", "build"]
 
 # bump a stage's number when its outputs change for the same inputs (invalidates caches)
-STAGE_FORMATS = {"segmentation": 1, "reconstruction": 1, "registration": 2, "templates": 3,
+STAGE_FORMATS = {"segmentation": 1, "reconstruction": 2, "registration": 2, "templates": 3,
                  "aggregation": 2, "statistics": 1, "exports": 1}
 
 

@@ -633,19 +633,39 @@ def _sdt(mask: np.ndarray, px: float) -> np.ndarray:
 
 
 def _interp_labels(sd_a: dict[int, np.ndarray], sd_b: dict[int, np.ndarray], w: float,
-                   shape: tuple[int, ...], *, within_mm: float = 0.0) -> np.ndarray:
+                   shape: tuple[int, ...], *, within_mm: float = 0.0, grow_mm: float = 0.0) -> np.ndarray:
     """Shape-based interpolation: the label whose interpolated signed distance is lowest and below
-    ``within_mm`` (0: inside the interpolated shape)."""
+    ``within_mm`` (0: inside the interpolated shape).
+
+    With ``grow_mm > 0`` the interpolation keeps each label's area: averaging signed distances
+    shrinks a thin ribbon that lies at different places in the two sections, so a label whose
+    interpolated shape is smaller than ``(1 - w) * area_a + w * area_b`` grows (its distance
+    threshold rises, at most by ``grow_mm``) until it has that area. A pixel two labels claim
+    goes to the one whose distance lies furthest below its own threshold. Midway between the
+    default demo's sections (true labels, brains B01-B03,
+    ``benchmarks/bench_interpolation_ceiling.py``) plain interpolation kept 77 % of the area
+    pixels at Dice 0.798, this 99 % at 0.832.
+    """
     out = np.zeros(shape, dtype=np.int32)
-    best = np.full(shape, np.float32(within_mm), dtype=np.float32)
     far = np.float32(_MAX_SDT_MM)
+    best = np.zeros(shape, dtype=np.float32)  # distance minus the label's threshold; < 0 claims
     for lab in sorted(set(sd_a) | set(sd_b)):
         a = sd_a.get(lab)
         b = sd_b.get(lab)
         d = ((1 - w) * (far if a is None else a) + w * (far if b is None else b)).astype(np.float32)
-        take = d < best
+        threshold = np.float32(within_mm)
+        n_a = 0 if a is None or grow_mm <= 0 else int((a < 0).sum())
+        n_b = 0 if b is None or grow_mm <= 0 else int((b < 0).sum())
+        k = round((1 - w) * n_a + w * n_b)
+        if 0 < w and 0 < k < d.size and int((d < threshold).sum()) < k:
+            t = np.partition(d.ravel(), k)[k]  # d < t: at most k pixels; d <= t: at least k + 1
+            if abs(int((d <= t).sum()) - k) <= abs(int((d < t).sum()) - k):
+                t = np.nextafter(t, np.float32(np.inf))  # (plateaus of equal distances)
+            threshold = min(max(t, threshold), np.float32(within_mm + grow_mm))
+        e = d - threshold
+        take = e < best
         out[take] = lab
-        best = np.where(take, d, best)
+        best = np.where(take, e, best)
     return out
 
 
@@ -730,6 +750,7 @@ def reconstruct(
     refine_mi: bool = True,
     guide_labels: bool = True,
     label_transfer: Literal["shape", "register"] = "shape",
+    keep_area: bool = True,
     alignment_from: str | Path | None = None,
     progress: bool = True,
     seed: int = 0,
@@ -789,6 +810,14 @@ def reconstruct(
         neighbours' labels onto it by a deformable 2-D registration (ANTs SyN) of their images to
         its image, then interpolates those by signed distance; ``"shape"`` interpolates the
         neighbours' labels as they are.
+    keep_area : bool
+        Between sections, interpolate each label's shape so that its area is the linear
+        interpolation of its areas in the two sections (a shape may grow up to half a section
+        distance beyond the plain shape-based interpolation; see :func:`_interp_labels`). Plain
+        shape-based interpolation shrinks area ribbons that lie at different places in
+        neighbouring sections: given every section's true labels, the default demo's B01 came
+        out with its areas 2-32 % too small (13 % on average), with this 0-16 % (5 %), and the
+        Dice with its true 3-D labels rose from 0.801 to 0.810.
     alignment_from : path, optional
         A previous reconstruction directory of the same sections: its section placements are
         reused (for example after a new segmentation) and only sections it lacks are aligned.
@@ -840,7 +869,7 @@ def reconstruct(
               "voxel_size_mm": float(voxel_size_mm), "alignment": alignment, "shrinkage": float(shrinkage),
               "missing": sorted(int(m) for m in missing), "torn": sorted(int(m) for m in torn),
               "space": space, "refine_mi": bool(refine_mi), "guide_labels": bool(guide_labels),
-              "label_transfer": label_transfer,
+              "label_transfer": label_transfer, "keep_area": bool(keep_area),
               "alignment_from": None if alignment_from is None else str(Path(alignment_from).resolve()),
               "seed": int(seed),
               "probability_keys": list(probability_keys or []), "format_version": FORMAT_VERSION}
@@ -1022,7 +1051,8 @@ def reconstruct(
                                     within_mm=reach)
                 ll[~guides[j]] = 0
             else:
-                ll = _interp_labels(plane_lab[int(lab_ns[a])], plane_lab[int(lab_ns[b])], w, (nz, nx))
+                ll = _interp_labels(plane_lab[int(lab_ns[a])], plane_lab[int(lab_ns[b])], w, (nz, nx),
+                                    grow_mm=reach if keep_area else 0.0)
             vol_lab[:, j, :] = ll[::-1].T
         if vol_prob is not None:
             a, b, w = _bracket(prob_ys, y)

@@ -9,6 +9,9 @@ against the true plane there (Dice per area, pooled over planes and brains):
 * ``nearest``: the nearer kept plane's labels;
 * ``shape``: the reconstruction's shape-based rule (signed distances interpolated linearly,
   :func:`atlasbuilder.reconstruction._interp_labels`);
+* ``area``: the reconstruction's default, ``shape`` keeping each area's size (the interpolated
+  area of the two planes; shapes grow by at most half the section distance,
+  ``_interp_labels(..., grow_mm=...)``, ``reconstruct(keep_area=True)``);
 * ``oracle-cortex``: ``shape``, then restricted to the true area-bearing cortex of the plane and
   filled there with the nearest predicted label: what a perfect grey-matter guide could add.
 
@@ -57,6 +60,7 @@ def score(cohort: Path, subjects: list[str], protocol: str) -> dict[str, dict[in
     from atlasbuilder.reconstruction import _interp_labels, _sdt
 
     sums: dict[tuple[str, int], list[int]] = {}
+    sizes: dict[str, list[int]] = {}
     for sid in subjects:
         t = cohort / "truth" / "subjects" / sid
         img = nib.load(t / "labels_subject.nii.gz")
@@ -70,20 +74,25 @@ def score(cohort: Path, subjects: list[str], protocol: str) -> dict[str, dict[in
             j = round(float((y - aff[1, 3]) / aff[1, 1]))
             return lab[:, min(max(j, 0), lab.shape[1] - 1), :]
 
+        grow = 0.5 * float(np.median(np.diff(ys)))  # half the section distance, as reconstruct()
         for ya, yb, y in _pairs(ys, protocol):
             w = (y - ya) / (yb - ya)
             pa, pb, true = plane(ya), plane(yb), plane(y)
-            pred = _interp_labels({int(v): _sdt(pa == v, px) for v in np.unique(pa) if v},
-                                  {int(v): _sdt(pb == v, px) for v in np.unique(pb) if v},
-                                  w, pa.shape)
+            sd_a = {int(v): _sdt(pa == v, px) for v in np.unique(pa) if v}
+            sd_b = {int(v): _sdt(pb == v, px) for v in np.unique(pb) if v}
+            pred = _interp_labels(sd_a, sd_b, w, pa.shape)
+            kept = _interp_labels(sd_a, sd_b, w, pa.shape, grow_mm=grow)
             filled = pred
             if (pred > 0).any():
                 idx = ndimage.distance_transform_edt(pred == 0, return_distances=False,
                                                      return_indices=True)
                 filled = pred[tuple(idx)]
-            guesses = {"nearest": pa if w < 0.5 else pb, "shape": pred,
+            guesses = {"nearest": pa if w < 0.5 else pb, "shape": pred, "area": kept,
                        "oracle-cortex": np.where(true > 0, filled, 0)}
             for name, p in guesses.items():
+                sz = sizes.setdefault(name, [0, 0])
+                sz[0] += int((p > 0).sum())
+                sz[1] += int((true > 0).sum())
                 for v in np.union1d(np.unique(true), np.unique(p)):
                     if v == 0:
                         continue
@@ -94,6 +103,8 @@ def score(cohort: Path, subjects: list[str], protocol: str) -> dict[str, dict[in
     for (name, v), (num, den) in sorted(sums.items()):
         if den:
             out.setdefault(name, {})[v] = num / den
+    for name, (pred_px, true_px) in sizes.items():
+        out.setdefault(name, {})["size"] = pred_px / max(true_px, 1)
     return out
 
 
@@ -108,10 +119,13 @@ def main() -> None:
     print(f"cohort {cohort}, brains {' '.join(args.subjects)}")
     for protocol in ("left-out", "between"):
         res = score(cohort, args.subjects, protocol)
-        print(f"\n{protocol}: mean Dice over areas (per area label value)")
-        for name, per in res.items():
+        print(f"\n{protocol}: mean Dice over areas (per area label value); size: area pixels "
+              "predicted / true")
+        for name in ("nearest", "shape", "area", "oracle-cortex"):
+            per = dict(res.get(name, {}))
+            size = per.pop("size", float("nan"))
             cells = " ".join(f"{v}:{d:.2f}" for v, d in per.items())
-            print(f"  {name:<14} {np.mean(list(per.values())):.3f}   {cells}")
+            print(f"  {name:<14} {np.mean(list(per.values())):.3f}  size {size:.2f}   {cells}")
 
 
 if __name__ == "__main__":

@@ -230,6 +230,40 @@ def test_shape_based_interpolation_of_discs() -> None:
     np.testing.assert_array_equal(_interp_labels(sd, sd, 0.3, r.shape), np.where(left, 1, 2))
 
 
+
+def test_area_keeping_interpolation_of_a_shifted_ribbon() -> None:
+    """A curved ribbon (a cortical area) lies 6 px lower in the next section: the signed
+    distances' average shrinks it midway (more than half of it is lost); keeping the area grows
+    it back to the mean of the two areas, closer to the true ribbon midway, and leaves alone
+    what does not shrink and the sections' own planes."""
+    yy, xx = np.mgrid[0:100, 0:100]
+
+    def arc(cy: int) -> np.ndarray:
+        r = np.hypot(yy - cy, xx - 50)
+        return (r >= 30) & (r < 34) & (yy < cy)
+
+    other = (xx < 8) & (yy > 80)  # a second label, far away and the same in both sections
+    a = {3: _sdt(arc(60), 1.0), 5: _sdt(other, 1.0)}
+    b = {3: _sdt(arc(66), 1.0), 5: _sdt(other, 1.0)}
+    plain = _interp_labels(a, b, 0.5, xx.shape)
+    kept = _interp_labels(a, b, 0.5, xx.shape, grow_mm=3.0)
+    want = arc(60).sum()
+    assert (plain == 3).sum() < 0.5 * want
+    assert abs(int((kept == 3).sum()) - want) <= 0.03 * want
+    np.testing.assert_array_equal(kept == 3, (kept == 3) | (plain == 3))  # grows, never moves
+
+    def dice(x: np.ndarray, y: np.ndarray) -> float:
+        return 2 * float((x & y).sum()) / float(x.sum() + y.sum())
+
+    assert dice(kept == 3, arc(63)) > dice(plain == 3, arc(63)) + 0.15  # 0.73 against 0.55
+    np.testing.assert_array_equal(kept == 5, other)
+    # the growth is capped, and a section's own plane is left as it is
+    capped = _interp_labels(a, b, 0.5, xx.shape, grow_mm=0.5)
+    assert (plain == 3).sum() < (capped == 3).sum() < (kept == 3).sum()
+    np.testing.assert_array_equal(_interp_labels(a, b, 0.0, xx.shape, grow_mm=3.0),
+                                  _interp_labels(a, b, 0.0, xx.shape))
+
+
 def test_probabilities_interpolate_linearly(stack: dict, tmp_path: Path) -> None:
     files = {n: stack["files"][n] for n in (1, 11)}
     probs = {1: np.full((1, *SHAPE), 100, np.uint8), 11: np.zeros((1, *SHAPE), np.uint8)}
