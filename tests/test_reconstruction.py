@@ -230,7 +230,6 @@ def test_shape_based_interpolation_of_discs() -> None:
     np.testing.assert_array_equal(_interp_labels(sd, sd, 0.3, r.shape), np.where(left, 1, 2))
 
 
-
 def test_area_keeping_interpolation_of_a_shifted_ribbon() -> None:
     """A curved ribbon (a cortical area) lies 6 px lower in the next section: the signed
     distances' average shrinks it midway (more than half of it is lost); keeping the area grows
