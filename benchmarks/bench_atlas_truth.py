@@ -99,18 +99,18 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
 
 
-def reference_mpm(atlas_dir: Path, space: str, region_ids: Sequence[int],
+def reference_mpm(atlas: Any, space: str, region_ids: Sequence[int],
                   read_map: Callable[[int], np.ndarray]) -> tuple[np.ndarray, float]:
-    """The MPM that the atlas's own rule and ``mpm_min_probability`` (read from its store) make of
-    the maps ``read_map(region_id)``, and that threshold. Given the true maps it is the MPM an
-    atlas with perfect maps would have; given the atlas's own maps it is the atlas's MPM."""
+    """The MPM that the atlas's own rule and ``mpm_min_probability`` (recorded on its store's
+    space group) make of the maps ``read_map(region_id)``, and that threshold. Given the true maps
+    it is the MPM an atlas with perfect maps would have; given the atlas's own maps it is the
+    atlas's MPM."""
     from atlasbuilder.aggregation import maximum_probability_map
 
-    meta = atlas_dir / "store.zarr" / space / "zarr.json"
     try:
-        min_p = float(json.loads(meta.read_text())["attributes"]["mpm_min_probability"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        _fail(f"{meta}: cannot read the atlas's mpm_min_probability ({exc})")
+        min_p = float(atlas._zarr_root[space].attrs["mpm_min_probability"])
+    except (KeyError, TypeError, ValueError) as exc:
+        _fail(f"{atlas.path}: the store records no mpm_min_probability for {space} ({exc})")
     maps = [read_map(rid) for rid in region_ids]
     return maximum_probability_map(maps, list(region_ids), min_probability=min_p), min_p
 
@@ -146,7 +146,7 @@ def compare(atlas_dir: Path, cohort: Path) -> bool:
         vv = float(abs(np.linalg.det(affine[:3, :3])))
         mpm = atlas.mpm(space).values
         file_mpm = _on_grid(nib.load(str(truth / "mpm" / f"{space}.nii.gz")), shape, affine, 0)
-        rule_mpm, min_p = reference_mpm(atlas_dir, space, sm.region_ids,
+        rule_mpm, min_p = reference_mpm(atlas, space, sm.region_ids,
                                         _true_maps(truth / "pmaps" / space, atlas, shape, affine))
         labs = np.stack([_on_grid(nib.load(str(truth / "subjects" / b / f"labels_{space}.nii.gz")),
                                   shape, affine, 0) for b in brains])
