@@ -456,12 +456,14 @@ def _segmentation(ctx: BuildContext) -> StageResult:
     protocol = _segmentation_protocol(st.protocol, len(m.subjects))
     assert protocol != "finetune", "refused by _refuse_unsupported before any work"
     if protocol == "transfer":
-        # one model learns from every brain's annotated sections; each brain then fine-tunes it
+        # one model learns from every brain's annotated sections and maps each brain (after a
+        # fine-tuning on the brain's own sections if transfer_iterations asks for one)
         ckpt = ctx.output / "models" / "cohort" / "model.pt"
-        # the prediction window does not change the cohort model: not in its key (tta does: it
-        # trains with flips)
+        # the prediction window and the per-brain fine-tuning do not change the cohort model: not
+        # in its key (tta does: it trains with flips)
         train_params = {**{k: v for k, v in seg_params.items() if k != "tile"},
-                        "resolved": {k: v for k, v in resolved.items() if k != "tile"}}
+                        "resolved": {k: v for k, v in resolved.items()
+                                     if k not in ("tile", "transfer_iterations")}}
         init_key = content_key("segmentation-cohort", STAGE_FORMATS["segmentation"], inputs,
                                train_params, m.areas, ctx.manifest.seed, ctx.quick)
         unit = Unit("segmentation", "cohort-model", "atlasbuilder.pipeline:_train_cohort_model",
@@ -470,7 +472,8 @@ def _segmentation(ctx: BuildContext) -> StageResult:
                     init_key, directory=ckpt.parent, resources=resources)
         first = [unit]  # the brains wait for it (one queue: see Executor.run)
         init = str(ckpt)
-        note = "transfer: cohort model fine-tuned per brain"
+        note = ("transfer: cohort model fine-tuned per brain" if resolved["transfer_iterations"]
+                else "transfer: one cohort model maps every brain")
     units = []
     for s in m.subjects:
         key = content_key("segmentation", STAGE_FORMATS["segmentation"], inputs[s.id], seg_params,

@@ -55,7 +55,9 @@ SUBJECT = """\
       labels: {{1: hOc1_left, 2: hOc2_left}}
 """
 
-TINY = StageSettings(cohort_iterations=60, finetune_iterations=20, scratch_iterations=60, patch_size=32,
+# transfer_iterations: these tests exercise the per-brain fine-tuning (off by default)
+TINY = StageSettings(cohort_iterations=60, finetune_iterations=20, scratch_iterations=60,
+                     transfer_iterations=20, patch_size=32,
                      batch_size=4, width=4, depth=2, input_pool=1, context=True, predict_batch=4,
                      cohort_lr=1e-2, finetune_lr=3e-3, scratch_lr=1e-2, threads=1)
 
@@ -385,6 +387,25 @@ def test_tile_and_tta_reach_the_prediction_and_a_change_redoes_it(cohort: Path, 
     # the Dice on the annotated sections (before and after fine-tuning) is scored with TTA too
     assert seen == [True] * 2 * len(ANNOTATED)
     assert attrs(info)["tta"] is True and attrs(info)["window"]["roi_size"] == [TINY.patch_size] * 2
+
+
+def test_transfer_by_default_maps_the_brain_with_the_cohort_model_as_it_is(
+        cohort: Path, cohort_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    from atlasbuilder.segmentation import training
+    from atlasbuilder.segmentation.training import _read_checkpoint
+
+    assert StageSettings().transfer_iterations == 0
+    calls = []
+    monkeypatch.setattr(training, "train", lambda *a, **k: calls.append(1))
+    info = segment_subject(cohort, "B01", tmp_path, init_checkpoint=cohort_model,
+                           settings=replace(TINY, transfer_iterations=0), progress=False)
+    assert calls == [] and info["protocol"] == "transfer"
+    assert info["dice_annotated"]["before_finetuning"] is None
+    mine, theirs = (_read_checkpoint(p)["state_dict"] for p in (tmp_path / "model.pt", cohort_model))
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert len(load_section_labels(tmp_path)) == len(NUMBERS)
 
 
 def test_tta_needs_flips_and_flips_no_positions() -> None:

@@ -218,8 +218,11 @@ def test_layers_sit_at_their_depths(phantom, rendered):
         # darker where more cells: the measured profile mirrors the expected one
         r = np.corrcoef(measured, -expected_od)[0, 1]
         assert r > 0.9, (key, r)
-        # layer I is the palest band of the cortex
-        assert measured[centres < 0.08].mean() > measured[centres > 0.1].max(), key
+        # layer I is paler than every band that expects clearly more cells (at the demo's laminar
+        # contrast a cell-sparse layer V or VI may be as pale as layer I)
+        denser = (centres > 0.1) & (expected_od > expected_od[centres < 0.08].max() + 0.05)
+        assert denser.any(), key
+        assert measured[centres < 0.08].mean() > measured[denser].max(), key
 
 
 def test_hoc1_stria_is_a_bright_band_at_its_depth(phantom, rendered):

@@ -3,8 +3,12 @@
 Protocols (``StageSettings.protocol``):
 
 - ``"transfer"``: a *cohort model* is trained once on the annotated sections of all the manifest's
-  brains (:func:`train_cohort_model`), then fine-tuned briefly on each brain's own annotations
-  (:func:`segment_subject` with ``init_checkpoint``) before it predicts that brain's sections.
+  brains (:func:`train_cohort_model`) and maps every brain's sections (:func:`segment_subject`
+  with ``init_checkpoint``). It can first be fine-tuned on each brain's own annotations
+  (``transfer_iterations``), but by default it is not: on the demo (cohort format 4) fine-tuning
+  on a brain's 2 sections lowered the Dice on its other sections. Brains B01-B03 of the default
+  cohort, one cohort model: 0.563 after 100 fine-tuning steps, 0.603 without; quick cohort (16
+  feature maps, 1000 cohort steps): 0.385 after 40 steps, 0.400 without.
 - ``"finetune"``: fine-tune ``init_checkpoint`` (any checkpoint, e.g. a pretrained one) per brain.
 - ``"scratch"``: train per brain on its own annotated sections only.
 - ``"auto"``: ``"transfer"`` (the most accurate within the build's budget).
@@ -20,6 +24,10 @@ off by default: with two annotated sections per brain the network used them to m
 area lay in those sections, and its Dice fell with the distance from them. Without them, on the
 default demo cohort, the build's protocol reached a mean Dice of 0.34 against 0.24 with them
 (``benchmarks/bench_segmentation_protocols.py --cohort default --set positions=True``).
+
+The figures below, up to the prediction window, were measured on the demo's earlier, fainter
+phantom (cohort format 3, whose areas' laminar signatures were too alike); on the current one
+(format 4) the build reaches a mean Dice of about 0.6 (README, status table).
 
 The network works at a quarter of the section's resolution (``input_pool=4``) on 4 x 4 blocks
 turned into channels (``input_mode="unshuffle"``), so texture finer than a block still reaches
@@ -120,8 +128,12 @@ class StageSettings:
     protocol
         ``"auto"``, ``"transfer"``, ``"finetune"`` or ``"scratch"`` (see the module docstring).
     cohort_iterations, finetune_iterations, scratch_iterations
-        Training steps of the cohort model, of a per-brain fine-tuning, of per-brain training
-        from scratch.
+        Training steps of the cohort model, of a per-brain fine-tuning (protocol ``"finetune"``),
+        of per-brain training from scratch.
+    transfer_iterations
+        Fine-tuning steps of the cohort model on each brain's own annotations under protocol
+        ``"transfer"`` (0, the default: the cohort model maps every brain as it is; see the
+        module docstring).
     cohort_lr, finetune_lr, scratch_lr
         Peak learning rates (one-cycle schedule).
     patch_size, batch_size
@@ -173,6 +185,7 @@ class StageSettings:
     cohort_iterations: int = 2500
     finetune_iterations: int = 100
     scratch_iterations: int = 600
+    transfer_iterations: int = 0
     cohort_lr: float = 1e-2
     finetune_lr: float = 2e-3
     scratch_lr: float = 1e-2
@@ -199,7 +212,8 @@ class StageSettings:
 
         if self.protocol not in PROTOCOLS:
             raise InputError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
-        for name in ("cohort_iterations", "finetune_iterations", "scratch_iterations"):
+        for name in ("cohort_iterations", "finetune_iterations", "scratch_iterations",
+                     "transfer_iterations"):
             if int(getattr(self, name)) < 0:
                 raise InputError(f"{name} must be at least 0, got {getattr(self, name)!r}")
         if not 0 <= self.overlap < 1:
@@ -270,7 +284,8 @@ def settings_from_manifest(manifest: Manifest) -> StageSettings:
                    flips=bool(seg.tta),
                    cohort_iterations=max(40, round(base.cohort_iterations * min(scale, 4.0))),
                    finetune_iterations=max(10, round(base.finetune_iterations * min(scale, 4.0))),
-                   scratch_iterations=max(40, round(base.scratch_iterations * min(scale, 4.0))))
+                   scratch_iterations=max(40, round(base.scratch_iterations * min(scale, 4.0))),
+                   transfer_iterations=round(base.transfer_iterations * min(scale, 4.0)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -776,7 +791,8 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
     else:
         pretrained = False
     images, labels, names = _training_inputs(sub, st)
-    iterations = st.finetune_iterations if init_checkpoint is not None else st.scratch_iterations
+    iterations = (st.transfer_iterations if protocol == "transfer" else
+                  st.finetune_iterations if init_checkpoint is not None else st.scratch_iterations)
     lr = st.finetune_lr if init_checkpoint is not None else st.scratch_lr
     if pretrained and iterations == 0:
         raise InputError(f"{init_checkpoint}: a pretrained checkpoint has no segmentation head yet: "

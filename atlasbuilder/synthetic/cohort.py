@@ -40,7 +40,7 @@ log = logging.getLogger("atlasbuilder")
 
 __all__ = ["COHORT_FORMAT", "CohortSettings", "generate_cohort"]
 
-COHORT_FORMAT = 3
+COHORT_FORMAT = 4
 TARGET = "MNI152NLin2009cAsym"
 BIGBRAIN = "BigBrain"
 
