@@ -403,8 +403,14 @@ def test_transfer_by_default_maps_the_brain_with_the_cohort_model_as_it_is(
                            settings=replace(TINY, transfer_iterations=0), progress=False)
     assert calls == [] and info["protocol"] == "transfer"
     assert info["dice_annotated"]["before_finetuning"] is None
-    mine, theirs = (_read_checkpoint(p)["state_dict"] for p in (tmp_path / "model.pt", cohort_model))
-    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    mine, theirs = (_read_checkpoint(p) for p in (tmp_path / "model.pt", cohort_model))
+    assert mine["state_dict"].keys() == theirs["state_dict"].keys()
+    assert all(torch.equal(v, theirs["state_dict"][k]) for k, v in mine["state_dict"].items())
+    # ... with the brain's own intensity statistics, as a fine-tuning would set them
+    own = np.concatenate([tifffile.imread(cohort.parent / "sections/B01" / f"B01_s{n:04d}.tif").ravel()
+                          for n in ANNOTATED]).astype(np.float64)
+    norm = mine["meta"]["normalisation"]
+    assert norm["mean"] == pytest.approx([own.mean()]) and norm["std"] == pytest.approx([own.std()])
     assert len(load_section_labels(tmp_path)) == len(NUMBERS)
 
 

@@ -7,7 +7,7 @@ Protocols (``StageSettings.protocol``):
   with ``init_checkpoint``). It can first be fine-tuned on each brain's own annotations
   (``transfer_iterations``), but by default it is not: on the demo (cohort format 4) fine-tuning
   on a brain's 2 sections lowered the Dice on its other sections. Brains B01-B03 of the default
-  cohort, one cohort model: 0.563 after 100 fine-tuning steps, 0.603 without; quick cohort (16
+  cohort, one cohort model: 0.563 after 100 fine-tuning steps, 0.600 without; quick cohort (16
   feature maps, 1000 cohort steps): 0.385 after 40 steps, 0.400 without.
 - ``"finetune"``: fine-tune ``init_checkpoint`` (any checkpoint, e.g. a pretrained one) per brain.
 - ``"scratch"``: train per brain on its own annotated sections only.
@@ -753,8 +753,10 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
         empty/constant sections, a checkpoint for another class set, CUDA without a GPU; the
         message names the file. No ``segmentation.json`` is written then.
     """
+    import torch
+
     from .prediction import SlidingWindow, open_prediction, predict_file, resolve_device
-    from .training import load_checkpoint, save_checkpoint, train
+    from .training import intensity_statistics, load_checkpoint, save_checkpoint, train
 
     m = _manifest(manifest)
     st = settings or StageSettings()
@@ -801,6 +803,11 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
     before = None
     if init_checkpoint is not None and iterations == 0:
         model = load_checkpoint(init_checkpoint, classes=sub.classes, device=dev)
+        # as a fine-tuning would: the brain's own intensity statistics map it onto what the
+        # network has learnt to expect (brains differ in staining)
+        mean, std = intensity_statistics(images)
+        model.mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        model.std.copy_(torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
     else:
         # a pretrained checkpoint has no segmentation head: nothing to score before fine-tuning
         if init_checkpoint is not None and not pretrained:

@@ -385,12 +385,18 @@ def _evaluate(model: SegmentationModel, sections: Sequence[TrainingSection], dev
 
 
 def _normalisation(sections: Sequence[TrainingSection]) -> tuple[list[float], list[float]]:
-    c = sections[0].image.shape[0]
+    return intensity_statistics([sec.image for sec in sections])
+
+
+def intensity_statistics(images: Sequence[np.ndarray]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation over every pixel of ``(C, H, W)`` images: the input
+    normalisation a model trained (or fine-tuned) on these images gets."""
+    c = images[0].shape[0]
     total = np.zeros(c)
     sq = np.zeros(c)
     n = 0
-    for sec in sections:
-        img = sec.image.reshape(c, -1).astype(np.float64)
+    for image in images:
+        img = image.reshape(c, -1).astype(np.float64)
         total += img.sum(1)
         sq += (img**2).sum(1)
         n += img.shape[1]
