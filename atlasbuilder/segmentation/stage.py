@@ -753,8 +753,6 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
         empty/constant sections, a checkpoint for another class set, CUDA without a GPU; the
         message names the file. No ``segmentation.json`` is written then.
     """
-    import torch
-
     from .prediction import SlidingWindow, open_prediction, predict_file, resolve_device
     from .training import intensity_statistics, load_checkpoint, save_checkpoint, train
 
@@ -805,9 +803,7 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
         model = load_checkpoint(init_checkpoint, classes=sub.classes, device=dev)
         # as a fine-tuning would: the brain's own intensity statistics map it onto what the
         # network has learnt to expect (brains differ in staining)
-        mean, std = intensity_statistics(images)
-        model.mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        model.std.copy_(torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        model.set_normalisation(*intensity_statistics(images))
     else:
         # a pretrained checkpoint has no segmentation head: nothing to score before fine-tuning
         if init_checkpoint is not None and not pretrained:

@@ -199,6 +199,12 @@ class SegmentationModel(nn.Module):
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
+    def set_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Map raw input with these per-channel statistics onto what the network expects (e.g. a
+        new brain's own, from :func:`intensity_statistics`)."""
+        self.mean.copy_(torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.std.copy_(torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
     def prepare_section(self, overview: np.ndarray, factor: int, shape: tuple[int, int]) -> None:
         """Receive the block-averaged section (raw values) before its windows are predicted."""
         size = self.context_size
@@ -509,8 +515,7 @@ def _initial_model(init: str | os.PathLike[str] | SegmentationModel | None, new_
                          f"{classes}; pass new_classes=True to fine-tune with a new output layer")
     model = _model_from(meta, state, where, classes=classes, skip_head=not same)
     # the new brain's own intensity statistics map it onto what the network has learnt to expect
-    model.mean.copy_(torch.tensor(mean).view(1, -1, 1, 1))
-    model.std.copy_(torch.tensor(std).view(1, -1, 1, 1))
+    model.set_normalisation(mean, std)
     model.patch_size = cfg.patch_size
     if model.patch_size % model.net.multiple:
         raise InputError(f"patch_size {cfg.patch_size} is not a multiple of {model.net.multiple}, which "
