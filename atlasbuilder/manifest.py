@@ -309,6 +309,9 @@ class SegmentationSettings(_Model):
     width: Annotated[int, Field(ge=1, le=512)] = 32
     device: Annotated[str, AfterValidator(_device)] = "auto"
     tta: bool = False
+    #: give the network each section's place along its brain's series (0 first, 1 last number);
+    #: turn it off when the brains' series cover different stretches of the brain
+    stack_position: bool = True
 
 
 class ReconstructionSettings(_Model):

@@ -322,6 +322,29 @@ def test_settings_from_manifest_takes_width_and_quick_caps_it() -> None:
     assert settings_from_manifest(wide.quick()).width == QUICK_WIDTH
 
 
+def test_the_cohort_model_is_told_each_sections_place_along_the_series(cohort: Path,
+                                                                        cohort_model: Path) -> None:
+    from atlasbuilder.manifest import builtin_manifest_path
+    from atlasbuilder.segmentation.prediction import predict_array
+    from atlasbuilder.segmentation.stage import settings_from_manifest
+    from atlasbuilder.segmentation.training import load_checkpoint
+
+    assert TINY.stack_position and StageSettings().stack_position
+    model = load_checkpoint(cohort_model)
+    assert model.section_values == 1
+    image = tifffile.imread(cohort.parent / "sections/B01" / "B01_s0011.tif")
+    outs = []
+    for z in (0.0, 1.0):
+        model.set_section_values([z])
+        outs.append(predict_array(image, model, window=model.window()))
+    assert np.abs(outs[0] - outs[1]).max() > 1e-3  # the place reaches the prediction
+    m = load_manifest(builtin_manifest_path("demo"))
+    assert settings_from_manifest(m).stack_position
+    off = m.model_copy(update={"stages": m.stages.model_copy(update={
+        "segmentation": m.stages.segmentation.model_copy(update={"stack_position": False})})})
+    assert not settings_from_manifest(off).stack_position
+
+
 def test_finetune_from_a_pretrained_checkpoint(cohort: Path, tmp_path: Path) -> None:
     """Protocol (b): a self-supervised checkpoint (no segmentation head) is fine-tuned per brain."""
     from dataclasses import replace

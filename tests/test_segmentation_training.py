@@ -18,6 +18,7 @@ from atlasbuilder.segmentation.data import (
     augment,
     check_sections,
     context_input,
+    overview_canvas,
 )
 from atlasbuilder.segmentation.networks import UNet
 from atlasbuilder.segmentation.prediction import open_prediction, predict_array, predict_file
@@ -291,6 +292,55 @@ def test_segmentation_model_with_context_through_predict_file(tmp_path, trained)
                               [0.0], [1.0], patch_size=16)
     with pytest.raises(InputError, match="sliding-window engine"):
         fresh(torch.zeros(1, 1, 16, 16))
+
+
+def test_overview_canvas_adds_a_plane_per_section_value():
+    ov = np.ones((1, 3, 5), np.float32)
+    canvas = overview_canvas(ov, 6, (0.25, 0.75))
+    assert canvas.shape == (4, 6, 6)
+    assert canvas[0].sum() == 15 and (canvas[1] == 0.25).all() and (canvas[2] == 0.75).all()
+    assert canvas[3].sum() == 15 and canvas[3, :3, :5].all()  # the footprint stays the last plane
+    np.testing.assert_array_equal(overview_canvas(ov, 6), canvas[[0, 3]])
+
+
+def test_section_values_tell_apart_sections_that_look_the_same(tmp_path):
+    """Two identical images, labelled area A in one and area B in the other: only the section value
+    (e.g. the place along the series) tells them apart, and the trained model uses it."""
+    images, labels = toy_brain(1, seed=2)
+    disc = labels[0] > 0
+    lab_a = np.where(disc & (labels[0] != 255), 10, labels[0]).astype(np.uint8)
+    lab_b = np.where(disc & (labels[0] != 255), 20, labels[0]).astype(np.uint8)
+    cfg = TrainingConfig(patch_size=16, batch_size=8, max_iterations=120, eval_every=120, width=8, depth=2,
+                         context_size=8, learning_rate=1e-2, val_fraction=0.0,
+                         augmentation=Augmentation(flips=False, contrast=0, brightness=0, noise=0))
+    model, _ = train([images[0]] * 2, [lab_a, lab_b], MAPPING, config=cfg, section_values=[(0.0,), (1.0,)],
+                     seed=0)
+    assert model.section_values == 1
+    target = check_sections(images, [lab_a], MAPPING, CLASSES)[0].target
+    inside = target == 1
+    with pytest.raises(InputError, match="set_section_values"):
+        predict_array(images[0], model, window=model.window())
+    model.set_section_values([0.0])
+    out0 = predict_array(images[0], model, window=model.window()).argmax(0)
+    model.set_section_values([1.0])
+    out1 = predict_array(images[0], model, window=model.window()).argmax(0)
+    assert (out0[inside] == 1).mean() > 0.9 and (out1[inside] == 2).mean() > 0.9
+    # the count travels with the checkpoint; a wrong count or a missing value is refused
+    loaded = load_checkpoint(save_checkpoint(model, tmp_path / "v.pt"))
+    assert loaded.section_values == 1
+    with pytest.raises(InputError, match="1 finite section value"):
+        loaded.set_section_values([0.0, 1.0])
+    with pytest.raises(InputError, match="1 finite section value"):
+        loaded.set_section_values([float("nan")])
+    with pytest.raises(InputError, match=r"v\.pt.*1 section value.*have 0"):
+        train([images[0]] * 2, [lab_a, lab_b], MAPPING, config=cfg, init=tmp_path / "v.pt")
+    with pytest.raises(InputError, match=r"s1: 2 section values, but the first section has 1"):
+        check_sections([images[0]] * 2, [lab_a, lab_b], MAPPING, CLASSES, ["s0", "s1"], [(0.0,), (1.0, 2.0)])
+    with pytest.raises(InputError, match="must be finite"):
+        check_sections([images[0]], [lab_a], MAPPING, CLASSES, ["s0"], [(float("inf"),)])
+    with pytest.raises(InputError, match="context"):
+        train([images[0]] * 2, [lab_a, lab_b], MAPPING, config=TrainingConfig(context=False),
+              section_values=[(0.0,), (1.0,)])
 
 
 def test_training_settings_are_checked():

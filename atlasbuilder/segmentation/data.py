@@ -36,11 +36,13 @@ IGNORE = -1  # class index of pixels the loss ignores (not annotated, outside th
 @dataclass
 class TrainingSection:
     """One annotated section: ``image`` ``(C, H, W)`` float32 (raw values), ``target`` ``(H, W)``
-    int64 class indices (``IGNORE`` where not annotated), ``name`` for messages."""
+    int64 class indices (``IGNORE`` where not annotated), ``name`` for messages, ``values``: the
+    section's scalar inputs to the context branch (e.g. its place along the series; may be empty)."""
 
     image: np.ndarray
     target: np.ndarray
     name: str
+    values: tuple[float, ...] = ()
 
 
 def class_list(mapping: Mapping[int, str | None], classes: Sequence[str] | None) -> list[str]:
@@ -60,14 +62,19 @@ def class_list(mapping: Mapping[int, str | None], classes: Sequence[str] | None)
 
 def check_sections(images: Sequence[np.ndarray], annotations: Sequence[np.ndarray],
                    mapping: Mapping[int, str | None], classes: Sequence[str],
-                   names: Sequence[str] | None = None) -> list[TrainingSection]:
+                   names: Sequence[str] | None = None,
+                   values: Sequence[Sequence[float]] | None = None) -> list[TrainingSection]:
     """Check annotated sections once, where they enter, and convert them.
+
+    ``values``: per section, its scalar inputs to the context branch (the same number for every
+    section, finite), or None for none.
 
     Raises
     ------
     InputError
-        Different numbers of images, annotations and names, or annotation values not in the
-        mapping (the message names the section and the values).
+        Different numbers of images, annotations, names and values, values that are not finite or
+        differ in number, or annotation values not in the mapping (the message names the section
+        and the values).
     InvalidImageError
         An image that is not ``(H, W)`` / ``(C, H, W)``, is empty or constant; an annotation whose
         size differs from its section's; channel counts that differ between sections.
@@ -79,13 +86,25 @@ def check_sections(images: Sequence[np.ndarray], annotations: Sequence[np.ndarra
                          "names; they must pair up one to one")
     if not images:
         raise InputError("no annotated sections to train on")
+    if values is None:
+        values = [()] * len(images)
+    if len(values) != len(images):
+        raise InputError(f"got {len(images)} sections and {len(values)} sets of section values; they "
+                         "must pair up one to one")
+    checked_values = [tuple(float(v) for v in vs) for vs in values]
+    for name, vs in zip(names, checked_values, strict=True):
+        if len(vs) != len(checked_values[0]):
+            raise InputError(f"{name}: {len(vs)} section values, but the first section has "
+                             f"{len(checked_values[0])}")
+        if not all(math.isfinite(v) for v in vs):
+            raise InputError(f"{name}: section values must be finite, got {list(vs)}")
     index = {c: i for i, c in enumerate(classes)}
     lut_keys = np.array(sorted(mapping), dtype=np.int64)
     lut_vals = np.array([IGNORE if mapping[k] is None else index[mapping[k]]  # type: ignore[index]
                          for k in lut_keys], dtype=np.int64)
     out: list[TrainingSection] = []
     channels = None
-    for img, ann, name in zip(images, annotations, names, strict=True):
+    for img, ann, name, vs in zip(images, annotations, names, checked_values, strict=True):
         img = np.asarray(img)
         if img.ndim == 2:
             img = img[None]
@@ -108,13 +127,13 @@ def check_sections(images: Sequence[np.ndarray], annotations: Sequence[np.ndarra
             raise InvalidImageError(f"{name}: the section contains NaN or infinite values")
         if lo == hi:
             raise InvalidImageError(f"{name}: the section is constant (every pixel is {lo:g})")
-        values = np.unique(ann).astype(np.int64)
-        unknown = values[~np.isin(values, lut_keys)]
+        present = np.unique(ann).astype(np.int64)
+        unknown = present[~np.isin(present, lut_keys)]
         if unknown.size:
             raise InputError(f"{name}: annotation values {unknown.tolist()[:10]} are not in the label "
                              f"mapping (known: {lut_keys.tolist()[:20]})")
         target = lut_vals[np.searchsorted(lut_keys, ann.astype(np.int64))]
-        out.append(TrainingSection(image, target, str(name)))
+        out.append(TrainingSection(image, target, str(name), vs))
     return out
 
 
@@ -141,12 +160,16 @@ def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
     return (s / n).astype(np.float32)
 
 
-def overview_canvas(overview: np.ndarray, size: int) -> np.ndarray:
-    """``(C + 1, size, size)``: the (normalised) overview at the top left, and its footprint."""
+def overview_canvas(overview: np.ndarray, size: int, values: Sequence[float] = ()) -> np.ndarray:
+    """``(C + V + 1, size, size)``: the (normalised) overview at the top left, one constant plane
+    per section value (e.g. the section's place along the brain's series), and its footprint."""
     c, h, w = overview.shape
-    canvas = np.zeros((c + 1, size, size), np.float32)
+    v = len(values)
+    canvas = np.zeros((c + v + 1, size, size), np.float32)
     canvas[:c, :h, :w] = overview[:, :size, :size]
-    canvas[c, :h, :w] = 1
+    for i, value in enumerate(values):
+        canvas[c + i] = float(value)
+    canvas[c + v, :h, :w] = 1
     return canvas
 
 

@@ -173,6 +173,7 @@ class SegmentationModel(nn.Module):
         self.meta: dict[str, Any] = dict(meta or {})
         self._canvas: torch.Tensor | None = None
         self._factor = 1
+        self._values: tuple[float, ...] = ()
 
     @property
     def context_size(self) -> int | None:
@@ -205,13 +206,37 @@ class SegmentationModel(nn.Module):
         self.mean.copy_(torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
         self.std.copy_(torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
+    @property
+    def section_values(self) -> int:
+        """How many scalar inputs per section the context branch takes (e.g. 1: the section's
+        place along the brain's series); give them with :meth:`set_section_values`."""
+        return int(self.meta.get("section_values", 0))
+
+    def set_section_values(self, values: Sequence[float]) -> None:
+        """The scalar inputs of the section predicted next (as many as :attr:`section_values`).
+
+        Raises
+        ------
+        InputError
+            A different number of values, or values that are not finite.
+        """
+        vs = tuple(float(v) for v in values)
+        if len(vs) != self.section_values or not all(np.isfinite(vs)):
+            raise InputError(f"this model takes {self.section_values} finite section value(s) (e.g. the "
+                             f"section's place along the series), got {list(vs)}")
+        self._values = vs
+
     def prepare_section(self, overview: np.ndarray, factor: int, shape: tuple[int, int]) -> None:
         """Receive the block-averaged section (raw values) before its windows are predicted."""
         size = self.context_size
         if size is None:
             return
+        if self.section_values and len(self._values) != self.section_values:
+            raise InputError(f"this model takes {self.section_values} section value(s) (e.g. the section's "
+                             "place along the series): call set_section_values before predicting")
         ov = (overview - self.mean.view(-1, 1, 1).cpu().numpy()) / self.std.view(-1, 1, 1).cpu().numpy()
-        self._canvas = torch.from_numpy(overview_canvas(ov.astype(np.float32), size)).to(self.mean.device)
+        canvas = overview_canvas(ov.astype(np.float32), size, self._values)
+        self._canvas = torch.from_numpy(canvas).to(self.mean.device)
         self._factor = int(factor)
 
     def forward(self, x: torch.Tensor, origins: torch.Tensor | None = None) -> torch.Tensor:
@@ -333,7 +358,8 @@ def _model_from(meta: Mapping[str, Any], state: Mapping[str, torch.Tensor], path
     return SegmentationModel(net, classes if classes is not None else meta["classes"], norm["mean"],
                              norm["std"], patch_size=meta.get("patch_size", 128),
                              overlap=meta.get("overlap", 0.25),
-                             meta={k: v for k, v in meta.items() if k in ("training", "history", "kind")})
+                             meta={k: v for k, v in meta.items()
+                                   if k in ("training", "history", "kind", "section_values")})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -382,6 +408,8 @@ def _evaluate(model: SegmentationModel, sections: Sequence[TrainingSection], dev
     """Mean Dice over the non-background classes of the held-out sections (sliding window)."""
     scores: dict[int, list[float]] = {}
     for sec in sections:
+        if model.section_values:
+            model.set_section_values(sec.values)
         logits = predict_array(sec.image, model, window=model.window(batch_size=batch_size),
                                device=device)
         for c, d in dice_scores(logits.argmax(0), sec.target, len(model.classes)).items():
@@ -414,6 +442,7 @@ def intensity_statistics(images: Sequence[np.ndarray]) -> tuple[list[float], lis
 def train(images: Sequence[np.ndarray], annotations: Sequence[np.ndarray],
           mapping: Mapping[int, str | None], *, classes: Sequence[str] | None = None,
           names: Sequence[str] | None = None, config: TrainingConfig | None = None,
+          section_values: Sequence[Sequence[float]] | None = None,
           init: str | os.PathLike[str] | SegmentationModel | None = None, new_classes: bool = False,
           validation: Sequence[int] | None = None, seed: int = 0, device: str | torch.device = "cpu",
           progress: bool = False) -> tuple[SegmentationModel, list[dict[str, Any]]]:
@@ -434,6 +463,11 @@ def train(images: Sequence[np.ndarray], annotations: Sequence[np.ndarray],
         Section names for messages (e.g. file names).
     config
         :class:`TrainingConfig`.
+    section_values
+        Per section, scalar inputs to the context branch (the same number for each; e.g. the
+        section's place along the brain's series, 0 at the first section, 1 at the last). The
+        model then needs them for every section it predicts
+        (:meth:`SegmentationModel.set_section_values`). Needs ``config.context``.
     init
         A checkpoint path or model to fine-tune from. Its class list must equal ``classes`` unless
         ``new_classes`` (then the output layer is new) or it is a ``"pretrained"`` checkpoint.
@@ -463,7 +497,10 @@ def train(images: Sequence[np.ndarray], annotations: Sequence[np.ndarray],
     cfg = config or TrainingConfig()
     dev = resolve_device(device)
     class_names = class_list(mapping, classes)
-    sections = check_sections(images, annotations, mapping, class_names, names)
+    sections = check_sections(images, annotations, mapping, class_names, names, section_values)
+    n_values = len(sections[0].values)
+    if n_values and not cfg.context and init is None:
+        raise InputError("section_values feed the context branch: they need config.context=True")
     rng = np.random.default_rng(seed)
     train_idx, val_idx = _split(len(sections), cfg.val_fraction, rng, validation)
     train_secs = [sections[i] for i in train_idx]
@@ -477,7 +514,7 @@ def train(images: Sequence[np.ndarray], annotations: Sequence[np.ndarray],
         warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
         torch.use_deterministic_algorithms(True, warn_only=True)
         try:
-            model = _initial_model(init, new_classes, class_names, channels, mean, std, cfg)
+            model = _initial_model(init, new_classes, class_names, channels, mean, std, cfg, n_values)
             history = _fit(model, train_secs, val_secs, cfg, rng, dev, seed, progress)
         finally:
             torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
@@ -493,13 +530,14 @@ def train(images: Sequence[np.ndarray], annotations: Sequence[np.ndarray],
 
 def _initial_model(init: str | os.PathLike[str] | SegmentationModel | None, new_classes: bool,
                    classes: list[str], channels: int, mean: list[float], std: list[float],
-                   cfg: TrainingConfig) -> SegmentationModel:
+                   cfg: TrainingConfig, n_values: int = 0) -> SegmentationModel:
     if init is None:
         net = UNet(channels, len(classes), depth=cfg.depth, width=cfg.width, norm=cfg.norm,
-                   dropout=cfg.dropout, context_channels=channels + 2 if cfg.context else 0,
+                   dropout=cfg.dropout, context_channels=channels + n_values + 2 if cfg.context else 0,
                    context_size=cfg.context_size, input_pool=cfg.input_pool,
                    input_mode=cfg.input_mode)
-        return SegmentationModel(net, classes, mean, std, patch_size=cfg.patch_size, overlap=cfg.overlap)
+        return SegmentationModel(net, classes, mean, std, patch_size=cfg.patch_size, overlap=cfg.overlap,
+                                 meta={"section_values": n_values} if n_values else None)
     if isinstance(init, SegmentationModel):
         meta, state, where = init.metadata(), init.net.state_dict(), Path("<model>")
     else:
@@ -513,6 +551,10 @@ def _initial_model(init: str | os.PathLike[str] | SegmentationModel | None, new_
     if not same and not new_classes and meta.get("kind") != "pretrained":
         raise InputError(f"{where}: the checkpoint was trained for classes {meta.get('classes')}, not "
                          f"{classes}; pass new_classes=True to fine-tune with a new output layer")
+    if int(meta.get("section_values", 0)) != n_values:
+        raise InputError(f"{where}: the checkpoint's network takes {int(meta.get('section_values', 0))} "
+                         f"section value(s) per section (e.g. the place along the series), the training "
+                         f"sections have {n_values}")
     model = _model_from(meta, state, where, classes=classes, skip_head=not same)
     # the new brain's own intensity statistics map it onto what the network has learnt to expect
     model.set_normalisation(mean, std)
@@ -537,7 +579,7 @@ def _fit(model: SegmentationModel, train_secs: list[TrainingSection], val_secs: 
             f = overview_factor(sec.image.shape[1:], ctx_size)
             ov = (block_mean(sec.image, f) - np.asarray(model.mean.cpu()).reshape(-1, 1, 1)) \
                 / np.asarray(model.std.cpu()).reshape(-1, 1, 1)
-            canvases.append(torch.from_numpy(overview_canvas(ov.astype(np.float32), ctx_size)))
+            canvases.append(torch.from_numpy(overview_canvas(ov.astype(np.float32), ctx_size, sec.values)))
             factors.append(f)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=cfg.max_iterations,
