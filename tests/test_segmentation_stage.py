@@ -509,3 +509,50 @@ def test_segment_rerun_after_an_annotation_changed_retrains(tmp_path: Path) -> N
     again = segment_subject(manifest, "B01", out / "B01", init_checkpoint=out / "cohort_model.pt",
                             settings=TINY, seed=1, progress=False)
     assert again["inputs_key"] != info["inputs_key"] and again["seed"] == 1
+
+
+def test_an_atlas_prior_reaches_every_sections_prediction(cohort: Path, cohort_model: Path,
+                                                          tmp_path: Path) -> None:
+    """An atlas that says the opposite of the sections (hOc2 where they show hOc1's stripes, and
+    the reverse), given a heavy weight, decides the areas; the prediction records it."""
+    from dataclasses import replace
+
+    from test_segmentation_prior import placement, tiny_atlas
+
+    from atlasbuilder.registration import TransformGraph
+    from atlasbuilder.segmentation.prior import AtlasPrior
+
+    st = replace(TINY, transfer_iterations=0, prior_weight=5.0)
+    # the tissue box's middle column lies near col 30 (x = 6 mm at 0.2 mm pixels)
+    atlas = tiny_atlas(tmp_path / "atlas", left="hOc2_left", split_mm=6.0, p=0.6)
+    places = {n: placement(n, (H, W), file=f"B01_s{n:04d}.tif") for n in NUMBERS}
+    classes = ["background", "hOc1_left", "hOc2_left"]
+    prior = AtlasPrior(atlas, classes, places, TransformGraph(), "MNI152NLin2009cAsym", pixel_mm=0.2,
+                       weight=5.0)
+    info = segment_subject(cohort, "B01", tmp_path / "with", init_checkpoint=cohort_model, settings=st,
+                           progress=False, prior=prior)
+    assert info["prior"]["space"] == "MNI152NLin2009cAsym" and info["prior"]["weight"] == 5.0
+    assert all(rec["prior"] for rec in info["sections"])
+    labels = load_section_labels(tmp_path / "with")
+    for n in NUMBERS:
+        if n in ANNOTATED:
+            continue
+        truth = iio.imread(cohort.parent / "truth" / "B01" / f"B01_s{n:04d}.png")
+        pred = labels[n]
+        # where the atlas has 0 for an area, it is not called that area
+        assert not (pred[:, :29] == 1).any() and not (pred[:, 31:] == 2).any(), n
+        assert (pred[truth > 0] > 0).mean() > 0.5, n
+    # wrong classes, a weight other than the settings', a section that is not the placed one
+    with pytest.raises(InputError, match="classes"):
+        segment_subject(cohort, "B01", tmp_path / "c", init_checkpoint=cohort_model, settings=st,
+                        progress=False, prior=AtlasPrior(atlas, classes[:2], places, TransformGraph(),
+                                                         "MNI152NLin2009cAsym", pixel_mm=0.2, weight=5.0))
+    with pytest.raises(InputError, match="prior_weight"):
+        segment_subject(cohort, "B01", tmp_path / "w", init_checkpoint=cohort_model,
+                        settings=replace(st, prior_weight=1.0), progress=False, prior=prior)
+    wrong = {**places, 11: placement(11, (H, W), file="B01_s9999.tif")}
+    with pytest.raises(InputError, match="B01_s9999.tif"):
+        segment_subject(cohort, "B01", tmp_path / "f", init_checkpoint=cohort_model, settings=st,
+                        progress=False, prior=AtlasPrior(atlas, classes, wrong, TransformGraph(),
+                                                         "MNI152NLin2009cAsym", pixel_mm=0.2, weight=5.0))
+    assert not (tmp_path / "f" / "segmentation.json").exists()

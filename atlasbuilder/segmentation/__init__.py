@@ -7,6 +7,8 @@
 - :mod:`.data` — checked annotated sections, class-balanced patches, augmentation.
 - :mod:`.training` — training with early stopping, checkpoints, fine-tuning.
 - :mod:`.pretraining` — self-supervised pretraining (masked inpainting) on unannotated sections.
+- :mod:`.prior` — the atlas prior: an existing atlas's probabilities at each section pixel (placed
+  through the brain's blockface and registration), added to the network's scores.
 - :mod:`.stage` — the pipeline entry points: cohort model, per-brain training and prediction,
   readers of the stage's output (:func:`load_section_labels`, :func:`load_section_probabilities`,
   :func:`load_area_probabilities`).

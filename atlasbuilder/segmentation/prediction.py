@@ -33,7 +33,10 @@ Optional predictor protocol, for models that need more than the window itself:
 - ``predictor.overview_size = n``: before the first window, ``predictor.prepare_section(overview,
   factor, shape)`` receives the whole section block-averaged by ``factor`` so that its longer side
   is at most ``n`` pixels (``(C, ceil(H / factor), ceil(W / factor))`` float32) and the section's
-  ``(H, W)``.
+  ``(H, W)``;
+- ``predictor.window_bias(origins, (h, w))``: a ``(B, K, h, w)`` term added to the windows' scores
+  after flip test-time augmentation (so it is never flipped), e.g. an atlas prior's
+  log-probabilities at the windows' pixels (:mod:`.prior`).
 
 Example
 -------
@@ -445,6 +448,7 @@ class _Runner:
                              "the window position per pixel (needs_origins without "
                              "flips_keep_origins); use tta=False")
         self.flips = self._FLIPS if tta else ((),)
+        self.window_bias = getattr(predictor, "window_bias", None)
 
     def __call__(self, x: torch.Tensor, origins: torch.Tensor) -> torch.Tensor:
         amp = torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
@@ -466,7 +470,16 @@ class _Runner:
                 total = out if total is None else total + out
         assert total is not None
         total = total.contiguous()
-        return total / len(self.flips) if len(self.flips) > 1 else total
+        if len(self.flips) > 1:
+            total = total / len(self.flips)
+        if self.window_bias is not None:
+            bias = self.window_bias(origins, tuple(x.shape[2:]))
+            if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != tuple(total.shape):
+                what = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+                raise InputError(f"window_bias must return the scores' shape {tuple(total.shape)}; "
+                                 f"it returned {what}")
+            total = total + bias.to(device=total.device, dtype=total.dtype)
+        return total
 
 
 def _pad_index(n: int, roi: int, mode: str) -> tuple[int, np.ndarray | None]:
