@@ -71,6 +71,9 @@ class Unit:
     items: int = 1  # for the summary (sections, brains, ...)
     note: str = ""
     after: tuple[str, ...] = ()  # names of units earlier in the same run that must finish first
+    # Dask priority among the units of one run (higher first); units submitted within 100 ms of
+    # each other (one run) otherwise start in an order of Dask's choosing
+    priority: int = 0
 
 
 @dataclass
@@ -404,8 +407,8 @@ class Executor:
             if fut is None:
                 # queued at once, waiting on Dask for the units it needs: a worker freed by one of
                 # them takes it before any unit started ahead of its stage
-                fut = self._submit(client, u, cache, before=[by_name[n] for n in u.after
-                                                             if n in by_name])
+                fut = self._submit(client, u, cache, priority=u.priority,
+                                   before=[by_name[n] for n in u.after if n in by_name])
             futures[fut] = i
             by_name[u.name] = fut
         try:

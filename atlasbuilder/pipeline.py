@@ -482,8 +482,10 @@ def _segmentation(ctx: BuildContext) -> StageResult:
         unit = Unit("segmentation", "cohort-model", "atlasbuilder.pipeline:_train_cohort_model",
                     {**base, "out_path": str(ckpt), "device": device, "seed": ctx.manifest.seed,
                      "threads": threads, "progress": ctx.progress},
-                    init_key, directory=ckpt.parent, resources=resources)
-        first = [unit]  # the brains wait for it (one queue: see Executor.run)
+                    init_key, directory=ckpt.parent, resources=resources, priority=10)
+        # the brains wait for it (one queue: see Executor.run); it starts before the units that
+        # place and register the brains for an atlas prior, which fill the other workers
+        first = [unit]
         init = str(ckpt)
         note = ("transfer: cohort model fine-tuned per brain" if resolved["transfer_iterations"]
                 else "transfer: one cohort model maps every brain")
@@ -569,10 +571,14 @@ def _prior_inputs(ctx: BuildContext) -> tuple[Path | None, list[Unit], dict[str,
     # refused before any work: an incomplete directory, or maps in a space the build cannot reach
     atlas = load_atlas(prior_dir)
     reachable = {m.primary_space, *(n for t in tunits for n in t.name.split("__"))}
-    if not reachable.intersection(atlas.spaces):
+    spaces = [sp for sp in atlas.spaces if sp in reachable]
+    if not spaces:
         raise InputError(f"prior_atlas {prior_dir}: its maps are in {', '.join(atlas.spaces)}, which "
                          f"the build does not reach (it registers the brains to {m.primary_space} "
                          f"and links {', '.join(sorted(reachable - {m.primary_space})) or 'nothing else'})")
+    # only the template pair that leads to the prior's space (none for the primary space)
+    space = m.primary_space if m.primary_space in spaces else spaces[0]
+    tunits = [] if space == m.primary_space else [t for t in tunits if space in t.name.split("__")]
     params = ctx.manifest.stages.reconstruction.model_dump(mode="json")
     prep: list[Unit] = [*tunits]
     priors: dict[str, tuple[str, list[str], Any]] = {}
