@@ -367,11 +367,11 @@ class Executor:
                     u = units[i]
                     if "error" in res:
                         log.debug("unit %s/%s failed:\n%s", stage, u.name, res.get("traceback"))
-                        raise UnitFailed(f"stage {stage} failed for {u.name}: {res['error']}",
+                        raise UnitFailed(f"stage {u.stage} failed for {u.name}: {res['error']}",
                                          int(res.get("exit_code", 1)))
                     out[i] = UnitResult(u, res["result"], float(res["seconds"]), False,
                                         float(res["seconds"]), ahead=i in ahead)
-                    log.info("%s %s done in %.1f s", stage, u.name, res["seconds"])
+                    log.info("%s %s done in %.1f s", u.stage, u.name, res["seconds"])
                     bar.update()
             finally:
                 bar.close()

@@ -569,7 +569,10 @@ def _prior_inputs(ctx: BuildContext) -> tuple[Path | None, list[Unit], dict[str,
     base = _common(ctx)
     tunits, reg = _registration_units(ctx, None)
     # refused before any work: an incomplete directory, or maps in a space the build cannot reach
-    atlas = load_atlas(prior_dir)
+    try:
+        atlas = load_atlas(prior_dir)
+    except AtlasBuilderError as exc:
+        raise InputError(f"prior_atlas: {exc}") from None
     reachable = {m.primary_space, *(n for t in tunits for n in t.name.split("__"))}
     spaces = [sp for sp in atlas.spaces if sp in reachable]
     if not spaces:
