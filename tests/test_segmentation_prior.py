@@ -91,6 +91,8 @@ def test_bad_priors_are_clear_errors(tmp_path: Path) -> None:
         AtlasPrior(atlas, CLASSES, {}, TransformGraph(), "subject:B01", pixel_mm=0.2)
     with pytest.raises(InputError, match="maps none of the areas"):
         AtlasPrior(atlas, ["background", "hOc5_right"], {}, TransformGraph(), SPACE, pixel_mm=0.2)
+    with pytest.raises(InputError, match="start with 'background'"):
+        AtlasPrior(atlas, CLASSES[::-1], {}, TransformGraph(), SPACE, pixel_mm=0.2)
     with pytest.raises(InputError, match="weight"):
         AtlasPrior(atlas, CLASSES, {}, TransformGraph(), SPACE, pixel_mm=0.2, weight=float("nan"))
     from atlasbuilder.errors import AtlasBuilderError

@@ -555,4 +555,4 @@ def test_an_atlas_prior_reaches_every_sections_prediction(cohort: Path, cohort_m
         segment_subject(cohort, "B01", tmp_path / "f", init_checkpoint=cohort_model, settings=st,
                         progress=False, prior=AtlasPrior(atlas, classes, wrong, TransformGraph(),
                                                          "MNI152NLin2009cAsym", pixel_mm=0.2, weight=5.0))
-    assert not (tmp_path / "f" / "segmentation.json").exists()
+    assert not (tmp_path / "f").exists()  # refused before any work

@@ -98,8 +98,10 @@ class AtlasPrior:
 
         if not (math.isfinite(weight) and weight >= 0):
             raise InputError(f"prior weight must be a number >= 0, got {weight!r}")
-        self.atlas = load_atlas(atlas_dir)
         self.classes = [str(c) for c in classes]
+        if not self.classes or self.classes[0] != BACKGROUND:
+            raise InputError(f"the classes of an atlas prior start with {BACKGROUND!r}, got {self.classes}")
+        self.atlas = load_atlas(atlas_dir)
         self.placements = dict(placements)
         self.weight = float(weight)
         self.step_px = max(1, round(step_mm / pixel_mm))
@@ -250,7 +252,7 @@ def prior_predictor(predictor: Any, grid: np.ndarray | None, step: int) -> Any:
 
         def window_bias(self, origins: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
             g = self.grid.to(origins.device)
-            if g.shape[0] != 0 and self.classes is not None and g.shape[0] != len(self.classes):
+            if self.classes is not None and g.shape[0] != len(self.classes):
                 raise InputError(f"the prior has {g.shape[0]} classes, the model {len(self.classes)}")
             h, w = size
             return torch.stack([_interpolate(g, self.step, int(o[0]), int(o[1]), h, w)

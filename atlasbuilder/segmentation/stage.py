@@ -823,6 +823,11 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
         if prior.weight != float(st.prior_weight):
             raise InputError(f"the atlas prior's weight {prior.weight} is not the settings' "
                              f"prior_weight {st.prior_weight}")
+        for n, path in sub.sections.items():  # before any work
+            place = prior.placements.get(n)
+            if place is not None and place.file and Path(place.file).name != path.name:
+                raise InputError(f"the atlas prior places {Path(place.file).name} as section {n} of "
+                                 f"subject {sub.id}, but the manifest's section {n} is {path}")
         from ..execution import content_key
 
         inputs_key = content_key(inputs_key, prior.key)
@@ -903,10 +908,6 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
             predictor = _positioned_predictor(model, _frame_of_file(path), sub.positions[n])
         grid = None
         if prior is not None:
-            place = prior.placements.get(n)
-            if place is not None and place.file and Path(place.file).name != path.name:
-                raise InputError(f"the atlas prior places {Path(place.file).name} as section {n} of "
-                                 f"subject {sub.id}, but the manifest's section {n} is {path}")
             grid = prior.section_grid(n)
             predictor = prior_predictor(predictor, grid, prior.step_px)
         store = predict_file(path, out / "sections", predictor, classes=sub.classes, window=window,
