@@ -496,6 +496,8 @@ def _segmentation(ctx: BuildContext) -> StageResult:
         ctx.run("segmentation", [*first, *prep])
         note = f"{note or f'protocol {protocol}'}; atlas prior {prior_dir}"
     ctx.products["placement"] = {sid: v[0] for sid, v in priors.items()}
+    if prior_dir is not None:
+        ctx.products["prior_atlas"] = prior_dir
     units = []
     for s in m.subjects:
         key = content_key("segmentation", STAGE_FORMATS["segmentation"], inputs[s.id], seg_params,
@@ -1063,6 +1065,9 @@ def _provenance(ctx: BuildContext, m: Any, mpath: Path, quick: bool, until: str 
     if ctx.data is not m:
         inputs["data_manifest"] = {"path": str(ctx.data.path),
                                    "sha256": sha256_file(ctx.data.path)}
+    prior = ctx.products.get("prior_atlas")
+    if prior is not None:  # the atlas whose maps served the CNN as a prior
+        inputs["prior_atlas"] = {"path": str(prior), "sha256": sha256_file(Path(prior) / "atlas.json")}
     inputs["files"] = len(ctx.fingerprints._known)
     units = {stage: [{"unit": r.unit.name, "key": r.unit.key, "cached": r.cached,
                       "seconds": round(r.seconds, 3), "computed_seconds": round(r.computed_seconds, 3),

@@ -110,6 +110,7 @@ def test_quick_demo_build_runs_every_stage(quick_demo):
     assert all(status[name] in ("done", "cached") for name in STAGE_NAMES), status
     assert atlas.spaces == ["MNI152NLin2009cAsym", "BigBrain"]
     assert prov["parameters"]["synthetic"]["subjects"] == 3
+    assert Path(prov["inputs"]["prior_atlas"]["path"]).name.startswith("fsl-juelich-")
     # every brain went through every stage
     for sid in ("B01", "B02", "B03"):
         d = quick_demo / "brains" / sid
