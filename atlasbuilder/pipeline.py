@@ -515,7 +515,8 @@ def _segmentation(ctx: BuildContext) -> StageResult:
                           key, directory=out, resources=resources,
                           items=len(inputs[s.id]["sections"]),
                           after=() if prep else tuple(u.name for u in first)))
-    results = ctx.run("segmentation", units if prep else [*first, *units])[len(first) if not prep else 0:]
+    run = units if prep else [*first, *units]  # with prep, the cohort model ran with it
+    results = ctx.run("segmentation", run)[len(run) - len(units):]
     ctx.products["segmentation"] = {u.name: (u.key, u.directory) for u in units}
     return _stage_result("segmentation", results, note or f"protocol {protocol}",
                          items=sum(u.items for u in units))

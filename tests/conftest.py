@@ -59,6 +59,35 @@ def make_small_atlas_files(directory: Path, *, percent: bool = True,
     return pm, labels
 
 
+def two_area_atlas(root: Path, *, left: str = "hOc1_left", split_mm: float = 6.0, p: float = 0.9,
+                   space: str = "MNI152NLin2009cAsym") -> Path:
+    """An imported two-area atlas on a 1 mm grid, x in [0, 20), y in [-5, 5), z in [-12, 0):
+    ``left`` (with probability ``p``) where x < ``split_mm``, the other of hOc1_left / hOc2_left
+    (0.8) beyond (the atlas prior's tests)."""
+    from atlasbuilder.importing import import_atlas
+
+    right = "hOc2_left" if left == "hOc1_left" else "hOc1_left"
+    data = np.zeros((20, 10, 12, 2), np.float32)
+    cut = int(split_mm)
+    data[:cut, ..., 0] = p
+    data[cut:, ..., 1] = 0.8
+    aff = np.eye(4)
+    aff[:3, 3] = [0, -5, -11]
+    root.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, aff), root / "maps.nii.gz")
+    (root / "labels.csv").write_text(f"index,name\n0,{left}\n1,{right}\n")
+    return import_atlas(root / "maps.nii.gz", root / "labels.csv", root / "atlas", space=space,
+                        hierarchy="juelich")
+
+
+def section_placement(n: int, shape: tuple[int, int], px: float = 0.2, *, file: str = ""):
+    """A section placed with pixel (row, col) at x = col * px, z = -row * px, in the plane y = 0."""
+    from atlasbuilder.reconstruction import SectionPlacement
+
+    return SectionPlacement(number=n, y_mm=0.0, matrix=np.array([[0.0, px, 0.0], [-px, 0.0, 0.0]]),
+                            status="ok", file=file, shape=shape)
+
+
 @pytest.fixture(scope="session")
 def quick_demo_atlas(tmp_path_factory) -> Path:
     """The README's quick demo atlas (``build(DEMO, ..., quick=True)``: 3 brains + the reference

@@ -306,9 +306,9 @@ def _wait_for(pattern: str, directory: Path, proc: subprocess.Popen, timeout: fl
 
 @pytest.mark.slow
 def test_a_prior_atlas_the_build_cannot_reach_is_refused_before_any_work(small_manifest, tmp_path):
-    from test_segmentation_prior import tiny_atlas
+    from conftest import two_area_atlas
 
-    atlas = tiny_atlas(tmp_path / "prior", space="MNI152NLin2009aSym")
+    atlas = two_area_atlas(tmp_path / "prior", space="MNI152NLin2009aSym")
     doc = yaml.safe_load(small_manifest.read_text())
     doc["prior_atlas"] = str(atlas)
     path = small_manifest.parent / f"prior-{tmp_path.name}.yaml"

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+
+from conftest import section_placement, two_area_atlas  # noqa: E402
 
 from atlasbuilder.errors import InputError  # noqa: E402
 from atlasbuilder.reconstruction import SectionPlacement  # noqa: E402
@@ -21,35 +22,9 @@ SPACE = "MNI152NLin2009cAsym"
 CLASSES = ["background", "hOc1_left", "hOc2_left"]
 
 
-def tiny_atlas(root: Path, *, left: str = "hOc1_left", split_mm: float = 6.0, p: float = 0.9,
-               space: str = SPACE) -> Path:
-    """A two-area atlas on a 1 mm grid, x in [0, 20), y in [-5, 5), z in [-12, 0): ``left`` (with
-    probability ``p``) where x < ``split_mm``, the other area (0.8) beyond."""
-    from atlasbuilder.importing import import_atlas
-
-    right = "hOc2_left" if left == "hOc1_left" else "hOc1_left"
-    data = np.zeros((20, 10, 12, 2), np.float32)
-    cut = int(split_mm)
-    data[:cut, ..., 0] = p
-    data[cut:, ..., 1] = 0.8
-    aff = np.eye(4)
-    aff[:3, 3] = [0, -5, -11]
-    root.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, aff), root / "maps.nii.gz")
-    (root / "labels.csv").write_text(f"index,name\n0,{left}\n1,{right}\n")
-    return import_atlas(root / "maps.nii.gz", root / "labels.csv", root / "atlas", space=space,
-                        hierarchy="juelich")
-
-
-def placement(n: int, shape: tuple[int, int], px: float = 0.2, *, file: str = "") -> SectionPlacement:
-    """Pixel (row, col) at x = col * px, z = -row * px, in the plane y = 0."""
-    return SectionPlacement(number=n, y_mm=0.0, matrix=np.array([[0.0, px, 0.0], [-px, 0.0, 0.0]]),
-                            status="ok", file=file, shape=shape)
-
-
 def test_the_prior_is_the_atlas_at_each_pixel(tmp_path: Path) -> None:
-    atlas = tiny_atlas(tmp_path)
-    prior = AtlasPrior(atlas, CLASSES, {1: placement(1, (40, 60))}, TransformGraph(), SPACE,
+    atlas = two_area_atlas(tmp_path)
+    prior = AtlasPrior(atlas, CLASSES, {1: section_placement(1, (40, 60))}, TransformGraph(), SPACE,
                        pixel_mm=0.2, weight=0.5)
     assert prior.space == SPACE and prior.step_px == 5 and prior.missing == []
     # exact at points: the areas as stored, the background what they leave
@@ -67,17 +42,17 @@ def test_the_prior_is_the_atlas_at_each_pixel(tmp_path: Path) -> None:
     none = AtlasPrior(atlas, CLASSES, {1: SectionPlacement(1, 0.0, None, "missing")}, TransformGraph(),
                       SPACE, pixel_mm=0.2)
     assert none.section_grid(1) is None and none.section_grid(99) is None
-    zero = AtlasPrior(atlas, CLASSES, {1: placement(1, (40, 60))}, TransformGraph(), SPACE,
+    zero = AtlasPrior(atlas, CLASSES, {1: section_placement(1, (40, 60))}, TransformGraph(), SPACE,
                       pixel_mm=0.2, weight=0.0)
     assert zero.section_grid(1) is None
 
 
 def test_an_area_the_atlas_lacks_gets_the_background_prior(tmp_path: Path,
                                                            caplog: pytest.LogCaptureFixture) -> None:
-    atlas = tiny_atlas(tmp_path)
+    atlas = two_area_atlas(tmp_path)
     classes = [*CLASSES, "hOc3v_left"]
     with caplog.at_level("WARNING"):
-        prior = AtlasPrior(atlas, classes, {1: placement(1, (40, 60))}, TransformGraph(), SPACE,
+        prior = AtlasPrior(atlas, classes, {1: section_placement(1, (40, 60))}, TransformGraph(), SPACE,
                            pixel_mm=0.2)
     assert prior.missing == ["hOc3v_left"] and "hOc3v_left" in caplog.text
     grid = prior.section_grid(1)
@@ -86,7 +61,7 @@ def test_an_area_the_atlas_lacks_gets_the_background_prior(tmp_path: Path,
 
 
 def test_bad_priors_are_clear_errors(tmp_path: Path) -> None:
-    atlas = tiny_atlas(tmp_path)
+    atlas = two_area_atlas(tmp_path)
     with pytest.raises(InputError, match="subject:B01"):
         AtlasPrior(atlas, CLASSES, {}, TransformGraph(), "subject:B01", pixel_mm=0.2)
     with pytest.raises(InputError, match="maps none of the areas"):
@@ -104,8 +79,8 @@ def test_bad_priors_are_clear_errors(tmp_path: Path) -> None:
 def test_the_predictor_gets_the_prior_at_its_pixels(tmp_path: Path) -> None:
     """A network with no opinion (zero scores) returns the prior itself: exactly at the grid's
     points, bilinearly between them, with and without flip test-time augmentation."""
-    prior = AtlasPrior(tiny_atlas(tmp_path), CLASSES, {1: placement(1, (37, 61))}, TransformGraph(),
-                       SPACE, pixel_mm=0.2, weight=0.5)
+    prior = AtlasPrior(two_area_atlas(tmp_path), CLASSES, {1: section_placement(1, (37, 61))},
+                       TransformGraph(), SPACE, pixel_mm=0.2, weight=0.5)
     grid = prior.section_grid(1)
     assert grid is not None
 

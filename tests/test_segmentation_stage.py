@@ -517,15 +517,15 @@ def test_an_atlas_prior_reaches_every_sections_prediction(cohort: Path, cohort_m
     the reverse), given a heavy weight, decides the areas; the prediction records it."""
     from dataclasses import replace
 
-    from test_segmentation_prior import placement, tiny_atlas
+    from conftest import section_placement, two_area_atlas
 
     from atlasbuilder.registration import TransformGraph
     from atlasbuilder.segmentation.prior import AtlasPrior
 
     st = replace(TINY, transfer_iterations=0, prior_weight=5.0)
     # the tissue box's middle column lies near col 30 (x = 6 mm at 0.2 mm pixels)
-    atlas = tiny_atlas(tmp_path / "atlas", left="hOc2_left", split_mm=6.0, p=0.6)
-    places = {n: placement(n, (H, W), file=f"B01_s{n:04d}.tif") for n in NUMBERS}
+    atlas = two_area_atlas(tmp_path / "atlas", left="hOc2_left", split_mm=6.0, p=0.6)
+    places = {n: section_placement(n, (H, W), file=f"B01_s{n:04d}.tif") for n in NUMBERS}
     classes = ["background", "hOc1_left", "hOc2_left"]
     prior = AtlasPrior(atlas, classes, places, TransformGraph(), "MNI152NLin2009cAsym", pixel_mm=0.2,
                        weight=5.0)
@@ -550,7 +550,7 @@ def test_an_atlas_prior_reaches_every_sections_prediction(cohort: Path, cohort_m
     with pytest.raises(InputError, match="prior_weight"):
         segment_subject(cohort, "B01", tmp_path / "w", init_checkpoint=cohort_model,
                         settings=replace(st, prior_weight=1.0), progress=False, prior=prior)
-    wrong = {**places, 11: placement(11, (H, W), file="B01_s9999.tif")}
+    wrong = {**places, 11: section_placement(11, (H, W), file="B01_s9999.tif")}
     with pytest.raises(InputError, match="B01_s9999.tif"):
         segment_subject(cohort, "B01", tmp_path / "f", init_checkpoint=cohort_model, settings=st,
                         progress=False, prior=AtlasPrior(atlas, classes, wrong, TransformGraph(),
