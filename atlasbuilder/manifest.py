@@ -319,8 +319,9 @@ class SegmentationSettings(_Model):
     #: turn it off when the brains' series cover different stretches of the brain
     stack_position: bool = True
     #: with a prior atlas (``prior_atlas``, or ``synthetic.prior_atlas``): the exponent of its
-    #: probabilities in the network's posterior (0: the prior is not used)
-    prior_weight: Annotated[float, Field(ge=0, le=10)] = 0.5
+    #: probabilities in the network's scores, while it learns and when it predicts (0: the prior
+    #: is not used)
+    prior_weight: Annotated[float, Field(ge=0, le=10)] = 1.0
 
 
 class ReconstructionSettings(_Model):

@@ -154,18 +154,13 @@ def _segment_brain(manifest: str, quick: bool, stages: dict[str, Any], subject: 
                    progress: bool, prior_atlas: str | None = None, placement_dir: str | None = None,
                    transform_dirs: Sequence[str] = ()) -> dict[str, Any]:
     from .segmentation.qa import write_segmentation_qa
-    from .segmentation.stage import _auto_device, _subject, segment_subject, settings_from_manifest
+    from .segmentation.stage import _auto_device, segment_subject, settings_from_manifest
 
     m = _with_stages(_data_manifest(manifest, quick), stages)
     st = settings_from_manifest(m)
     prior = None
     if prior_atlas is not None and placement_dir is not None:
-        from .segmentation.prior import AtlasPrior
-
-        prior = AtlasPrior.from_directories(
-            prior_atlas, _subject(m, subject).classes, placement_dir, transform_dirs,
-            f"subject:{subject}", pixel_mm=m.subject(subject).sections.pixel_size_um / 1000.0,
-            weight=st.prior_weight)
+        prior = _atlas_prior(m, st, subject, prior_atlas, placement_dir, transform_dirs)
     summary = dict(segment_subject(m, subject, Path(out_dir), init_checkpoint=init_checkpoint,
                                    settings=st, device=_auto_device(device), threads=threads,
                                    seed=seed, progress=progress, prior=prior))
@@ -173,14 +168,29 @@ def _segment_brain(manifest: str, quick: bool, stages: dict[str, Any], subject: 
     return summary
 
 
+def _atlas_prior(m: Any, st: Any, subject: str, prior_atlas: str, placement_dir: str,
+                 transform_dirs: Sequence[str]) -> Any:
+    """One brain's :class:`~atlasbuilder.segmentation.prior.AtlasPrior` (weight: the settings')."""
+    from .segmentation.prior import AtlasPrior
+    from .segmentation.stage import _subject
+
+    return AtlasPrior.from_directories(
+        prior_atlas, _subject(m, subject).classes, placement_dir, transform_dirs, f"subject:{subject}",
+        pixel_mm=m.subject(subject).sections.pixel_size_um / 1000.0, weight=st.prior_weight)
+
+
 def _train_cohort_model(manifest: str, quick: bool, stages: dict[str, Any], out_path: str,
-                        device: str, seed: int, threads: int, progress: bool) -> dict[str, Any]:
+                        device: str, seed: int, threads: int, progress: bool,
+                        prior_atlas: str | None = None,
+                        priors: dict[str, tuple[str, Sequence[str]]] | None = None) -> dict[str, Any]:
     from .segmentation.stage import _auto_device, settings_from_manifest, train_cohort_model
 
     m = _with_stages(_data_manifest(manifest, quick), stages)
-    path = train_cohort_model(m, Path(out_path), settings=settings_from_manifest(m),
-                              device=_auto_device(device), threads=threads, seed=seed,
-                              progress=progress)
+    st = settings_from_manifest(m)
+    atlas_priors = {sid: _atlas_prior(m, st, sid, prior_atlas, place, dirs)
+                    for sid, (place, dirs) in (priors or {}).items()} if prior_atlas else None
+    path = train_cohort_model(m, Path(out_path), settings=st, device=_auto_device(device),
+                              threads=threads, seed=seed, progress=progress, priors=atlas_priors)
     return {"checkpoint": str(path)}
 
 
@@ -468,6 +478,9 @@ def _segmentation(ctx: BuildContext) -> StageResult:
     first: list[Unit] = []
     protocol = _segmentation_protocol(st.protocol, len(m.subjects))
     assert protocol != "finetune", "refused by _refuse_unsupported before any work"
+    # with an atlas prior, the brains' sections are placed and their blockface/MRI registered
+    # first (the later stages reuse both): the cohort model learns with each brain's prior
+    prior_dir, prep, priors = _prior_inputs(ctx)
     if protocol == "transfer":
         # one model learns from every brain's annotated sections and maps each brain (after a
         # fine-tuning on the brain's own sections if transfer_iterations asks for one)
@@ -477,23 +490,27 @@ def _segmentation(ctx: BuildContext) -> StageResult:
         train_params = {**{k: v for k, v in seg_params.items() if k != "tile"},
                         "resolved": {k: v for k, v in seg_params["resolved"].items()
                                      if k not in ("tile", "transfer_iterations")}}
+        cohort_prior: dict[str, Any] = {}
+        prior_keys: list[Any] = []
+        if priors:
+            cohort_prior = {"prior_atlas": str(prior_dir),
+                            "priors": {sid: [v[0], v[1]] for sid, v in priors.items()}}
+            prior_keys = [{sid: v[2] for sid, v in priors.items()}]
         init_key = content_key("segmentation-cohort", STAGE_FORMATS["segmentation"], inputs,
-                               train_params, m.areas, ctx.manifest.seed, ctx.quick)
+                               train_params, m.areas, ctx.manifest.seed, ctx.quick, *prior_keys)
+        # the brains wait for it (one queue: see Executor.run); with an atlas prior it waits for
+        # the units that place and register the brains
         unit = Unit("segmentation", "cohort-model", "atlasbuilder.pipeline:_train_cohort_model",
                     {**base, "out_path": str(ckpt), "device": device, "seed": ctx.manifest.seed,
-                     "threads": threads, "progress": ctx.progress},
-                    init_key, directory=ckpt.parent, resources=resources, priority=10)
-        # the brains wait for it (one queue: see Executor.run); it starts before the units that
-        # place and register the brains for an atlas prior, which fill the other workers
+                     "threads": threads, "progress": ctx.progress, **cohort_prior},
+                    init_key, directory=ckpt.parent, resources=resources, priority=10,
+                    after=tuple(u.name for u in prep) if priors else ())
         first = [unit]
         init = str(ckpt)
         note = ("transfer: cohort model fine-tuned per brain" if resolved["transfer_iterations"]
                 else "transfer: one cohort model maps every brain")
-    # with an atlas prior, the brains' sections are placed and their blockface/MRI registered
-    # first (the later stages reuse both), while the cohort model trains
-    prior_dir, prep, priors = _prior_inputs(ctx)
     if prep:
-        ctx.run("segmentation", [*first, *prep])
+        ctx.run("segmentation", [*prep, *first])
         note = f"{note or f'protocol {protocol}'}; atlas prior {prior_dir}"
     ctx.products["placement"] = {sid: v[0] for sid, v in priors.items()}
     if prior_dir is not None:

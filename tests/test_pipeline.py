@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from atlasbuilder import load_atlas
@@ -122,10 +123,13 @@ def test_quick_demo_build_runs_every_stage(quick_demo):
         # the demo's atlas prior (the FSL Juelich maps): each section placed on the blockface
         # before segmentation, the placements reused by the reconstruction
         prior = json.loads((d / "segmentation" / "segmentation.json").read_text())["prior"]
-        assert prior["space"] == "MNI152NLin6Asym" and prior["weight"] == 0.5
+        assert prior["space"] == "MNI152NLin6Asym" and prior["weight"] == 1.0
         rec = json.loads((d / "reconstruction" / "reconstruction.json").read_text())
         assert rec["params"]["alignment_from"] == str(d / "placement")
     assert (quick_demo / "brains" / "BigBrain" / "reconstruction" / "reconstruction.json").is_file()
+    # the cohort model learnt with each brain's prior added to its scores
+    cohort = torch.load(quick_demo / "models" / "cohort" / "model.pt", weights_only=True)
+    assert cohort["meta"]["prior_bias"] is True
     # the atlas answers: somewhere along the left calcarine sulcus hOc1 is the most probable area
     v1 = atlas.region_info("hOc1_left")
     top = atlas.query([v1["centroid_mm"]])[0]["regions"][0]

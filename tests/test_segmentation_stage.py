@@ -556,3 +556,42 @@ def test_an_atlas_prior_reaches_every_sections_prediction(cohort: Path, cohort_m
                         progress=False, prior=AtlasPrior(atlas, classes, wrong, TransformGraph(),
                                                          "MNI152NLin2009cAsym", pixel_mm=0.2, weight=5.0))
     assert not (tmp_path / "f").exists()  # refused before any work
+
+
+def test_the_cohort_model_learns_with_each_brains_atlas_prior(cohort: Path, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """``train_cohort_model(priors=...)``: the prior is added to the scores while the network learns
+    (the checkpoint says so); a brain's fine-tuning with its prior does the same; mapping with a
+    model that learnt with a prior but without one warns; a prior of other classes is refused."""
+    from dataclasses import replace
+
+    from conftest import section_placement, two_area_atlas
+
+    from atlasbuilder.registration import TransformGraph
+    from atlasbuilder.segmentation.prior import AtlasPrior
+
+    st = replace(TINY, prior_weight=1.0)
+    atlas = two_area_atlas(tmp_path / "atlas", left="hOc1_left", split_mm=6.0, p=0.6)
+    classes = ["background", "hOc1_left", "hOc2_left"]
+
+    def prior(sid: str, cls: list[str] = classes) -> AtlasPrior:
+        places = {n: section_placement(n, (H, W), file=f"{sid}_s{n:04d}.tif") for n in NUMBERS}
+        return AtlasPrior(atlas, cls, places, TransformGraph(), "MNI152NLin2009cAsym", pixel_mm=0.2,
+                          weight=1.0)
+
+    ck = train_cohort_model(cohort, tmp_path / "cohort.pt", settings=st, progress=False,
+                            priors={"B01": prior("B01"), "B02": prior("B02")})
+    assert torch.load(ck, weights_only=True)["meta"]["prior_bias"] is True
+    info = segment_subject(cohort, "B01", tmp_path / "B01", init_checkpoint=ck, settings=st,
+                           progress=False, prior=prior("B01"))
+    assert info["prior"]["weight"] == 1.0
+    tuned = torch.load(tmp_path / "B01" / "model.pt", weights_only=True)["meta"]
+    assert tuned["prior_bias"] is True and tuned["training"]["config"]["max_iterations"] == 20
+    with pytest.raises(InputError, match=r"subject B02: the atlas prior was made for classes"):
+        train_cohort_model(cohort, tmp_path / "bad.pt", settings=st, progress=False,
+                           priors={"B02": prior("B02", classes[:2])})
+    assert not (tmp_path / "bad.pt").exists()
+    with caplog.at_level("WARNING"):
+        segment_subject(cohort, "B02", tmp_path / "B02", init_checkpoint=ck,
+                        settings=replace(st, transfer_iterations=0), progress=False)
+    assert "learnt with an atlas prior" in caplog.text and "subject B02" in caplog.text

@@ -27,6 +27,7 @@ __all__ = [
     "augment",
     "check_sections",
     "context_input",
+    "grid_window",
     "overview_canvas",
 ]
 
@@ -37,12 +38,16 @@ IGNORE = -1  # class index of pixels the loss ignores (not annotated, outside th
 class TrainingSection:
     """One annotated section: ``image`` ``(C, H, W)`` float32 (raw values), ``target`` ``(H, W)``
     int64 class indices (``IGNORE`` where not annotated), ``name`` for messages, ``values``: the
-    section's scalar inputs to the context branch (e.g. its place along the series; may be empty)."""
+    section's scalar inputs to the context branch (e.g. its place along the series; may be empty),
+    ``bias``: ``(K, Hc, Wc)`` float32 scores added to the network's logits on a grid of
+    ``bias_step`` pixels (an atlas prior, :meth:`~.prior.AtlasPrior.section_grid`; None: none)."""
 
     image: np.ndarray
     target: np.ndarray
     name: str
     values: tuple[float, ...] = ()
+    bias: np.ndarray | None = None
+    bias_step: int = 1
 
 
 def class_list(mapping: Mapping[int, str | None], classes: Sequence[str] | None) -> list[str]:
@@ -188,6 +193,24 @@ def context_input(canvas: torch.Tensor, factor: int, origins: torch.Tensor,
     cols = ((grid[None] >= x0) & (grid[None] < x0 + window[1])).float()
     mask = rows[:, :, None] * cols[:, None, :]
     return torch.cat([canvas[None].expand(b, -1, -1, -1), mask[:, None]], 1)
+
+
+def grid_window(grid: torch.Tensor, step: int, r0: int, c0: int, h: int, w: int) -> torch.Tensor:
+    """Bilinear values of ``grid`` ``(K, Hc, Wc)`` at the pixels of the window ``[r0:r0+h, c0:c0+w]``
+    of a section whose pixel ``(i * step + (step - 1) / 2, j * step + (step - 1) / 2)`` is grid
+    point ``(i, j)``; beyond the grid's first and last points the edge values hold."""
+
+    def axis(start: int, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        u = (torch.arange(start, start + n, dtype=torch.float32, device=grid.device) - (step - 1) / 2) / step
+        u = u.clamp(0, size - 1)
+        i0 = u.floor().long()
+        i1 = (i0 + 1).clamp(max=size - 1)
+        return i0, i1, (u - i0.float())
+
+    i0, i1, wr = axis(r0, h, grid.shape[1])
+    j0, j1, wc = axis(c0, w, grid.shape[2])
+    rows = grid[:, i0] * (1 - wr)[None, :, None] + grid[:, i1] * wr[None, :, None]
+    return rows[:, :, j0] * (1 - wc)[None, None, :] + rows[:, :, j1] * wc[None, None, :]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,7 +7,10 @@ that for every section of one brain and :func:`prior_predictor` adds it to the n
 
     score_k(pixel) = logit_k(pixel) + weight * log(prior_k(pixel) + floor)
 
-(Bayes' rule with the network's posterior tempered by ``weight``). The prior of the background
+(Bayes' rule with the network's posterior tempered by ``weight``). The same sum is what the
+network learns with (``train(section_bias=...)`` takes :meth:`AtlasPrior.section_grid`), so that it
+learns what the atlas does not already say; a network that learnt so must predict with the same
+prior and weight. The prior of the background
 class is what the atlas leaves over: ``1 - sum of the areas' probabilities``, clipped to [0, 1]
 (other areas of the atlas count as background, as they do in the annotations).
 
@@ -92,7 +95,7 @@ class AtlasPrior:
 
     def __init__(self, atlas_dir: str | Path, classes: Sequence[str],
                  placements: Mapping[int, Any], graph: TransformGraph,
-                 subject_space: str, *, pixel_mm: float, weight: float = 0.5,
+                 subject_space: str, *, pixel_mm: float, weight: float = 1.0,
                  step_mm: float = 1.0) -> None:
         from ..atlas import load_atlas
         from ..registration import NoTransformPathError
@@ -136,7 +139,7 @@ class AtlasPrior:
     @classmethod
     def from_directories(cls, atlas_dir: str | Path, classes: Sequence[str], placement_dir: str | Path,
                          transform_dirs: Sequence[str | Path], subject_space: str, *,
-                         pixel_mm: float, weight: float = 0.5, step_mm: float = 1.0) -> AtlasPrior:
+                         pixel_mm: float, weight: float = 1.0, step_mm: float = 1.0) -> AtlasPrior:
         """The prior of a brain whose sections were placed by
         :func:`~atlasbuilder.reconstruction.reconstruct` into ``placement_dir`` and whose
         transforms (the brain's registration, template pairs) lie under ``transform_dirs``."""
@@ -208,29 +211,14 @@ class AtlasPrior:
         return (self.weight * np.log(p + PRIOR_FLOOR)).astype(np.float32)
 
 
-def _interpolate(grid: torch.Tensor, step: int, r0: int, c0: int, h: int, w: int) -> torch.Tensor:
-    """Bilinear values of ``grid`` (K, Hc, Wc) at the pixels of the window ``[r0:r0+h, c0:c0+w]``."""
-    import torch
-
-    def axis(start: int, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        u = (torch.arange(start, start + n, dtype=torch.float32, device=grid.device) - (step - 1) / 2) / step
-        u = u.clamp(0, size - 1)
-        i0 = u.floor().long()
-        i1 = (i0 + 1).clamp(max=size - 1)
-        return i0, i1, (u - i0.float())
-
-    i0, i1, wr = axis(r0, h, grid.shape[1])
-    j0, j1, wc = axis(c0, w, grid.shape[2])
-    rows = grid[:, i0] * (1 - wr)[None, :, None] + grid[:, i1] * wr[None, :, None]
-    return rows[:, :, j0] * (1 - wc)[None, None, :] + rows[:, :, j1] * wc[None, None, :]
-
-
 def prior_predictor(predictor: Any, grid: np.ndarray | None, step: int) -> Any:
     """Wrap a predictor so that the section's prior ``grid`` (from :meth:`AtlasPrior.section_grid`)
     is added to its scores (the prediction engine's ``window_bias``); ``grid`` None: unchanged."""
     if grid is None:
         return predictor
     import torch
+
+    from .data import grid_window
 
     class PriorPredictor(torch.nn.Module):
         """The wrapped predictor's scores plus the atlas prior at the window's pixels."""
@@ -256,7 +244,7 @@ def prior_predictor(predictor: Any, grid: np.ndarray | None, step: int) -> Any:
             if self.classes is not None and g.shape[0] != len(self.classes):
                 raise InputError(f"the prior has {g.shape[0]} classes, the model {len(self.classes)}")
             h, w = size
-            return torch.stack([_interpolate(g, self.step, int(o[0]), int(o[1]), h, w)
+            return torch.stack([grid_window(g, self.step, int(o[0]), int(o[1]), h, w)
                                 for o in origins.cpu()])
 
     return PriorPredictor()

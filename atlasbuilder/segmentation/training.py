@@ -26,7 +26,7 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from .data import (
     check_sections,
     class_list,
     context_input,
+    grid_window,
     overview_canvas,
     overview_factor,
 )
@@ -359,7 +360,7 @@ def _model_from(meta: Mapping[str, Any], state: Mapping[str, torch.Tensor], path
                              norm["std"], patch_size=meta.get("patch_size", 128),
                              overlap=meta.get("overlap", 0.25),
                              meta={k: v for k, v in meta.items()
-                                   if k in ("training", "history", "kind", "section_values")})
+                                   if k in ("training", "history", "kind", "section_values", "prior_bias")})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -406,11 +407,14 @@ def _split(n: int, fraction: float, rng: np.random.Generator,
 def _evaluate(model: SegmentationModel, sections: Sequence[TrainingSection], device: torch.device,
               batch_size: int) -> float:
     """Mean Dice over the non-background classes of the held-out sections (sliding window)."""
+    from .prior import prior_predictor
+
     scores: dict[int, list[float]] = {}
     for sec in sections:
         if model.section_values:
             model.set_section_values(sec.values)
-        logits = predict_array(sec.image, model, window=model.window(batch_size=batch_size),
+        predictor = prior_predictor(model, sec.bias, sec.bias_step)
+        logits = predict_array(sec.image, predictor, window=model.window(batch_size=batch_size),
                                device=device)
         for c, d in dice_scores(logits.argmax(0), sec.target, len(model.classes)).items():
             if c != 0:
@@ -443,6 +447,7 @@ def train(images: Sequence[np.ndarray], annotations: Sequence[np.ndarray],
           mapping: Mapping[int, str | None], *, classes: Sequence[str] | None = None,
           names: Sequence[str] | None = None, config: TrainingConfig | None = None,
           section_values: Sequence[Sequence[float]] | None = None,
+          section_bias: Sequence[tuple[np.ndarray, int] | None] | None = None,
           init: str | os.PathLike[str] | SegmentationModel | None = None, new_classes: bool = False,
           validation: Sequence[int] | None = None, seed: int = 0, device: str | torch.device = "cpu",
           progress: bool = False) -> tuple[SegmentationModel, list[dict[str, Any]]]:
@@ -468,6 +473,13 @@ def train(images: Sequence[np.ndarray], annotations: Sequence[np.ndarray],
         section's place along the brain's series, 0 at the first section, 1 at the last). The
         model then needs them for every section it predicts
         (:meth:`SegmentationModel.set_section_values`). Needs ``config.context``.
+    section_bias
+        Per section, ``(grid, step)`` or None: scores added to the network's logits while it
+        learns, ``grid`` ``(K, Hc, Wc)`` (one plane per class) on a grid of ``step`` pixels,
+        interpolated bilinearly to each patch's pixels and turned with them (an atlas prior,
+        :meth:`~.prior.AtlasPrior.section_grid`). The network then learns what the prior does
+        not already say, and must predict with the same prior added
+        (:func:`~.prior.prior_predictor`); the checkpoint records it (``meta["prior_bias"]``).
     init
         A checkpoint path or model to fine-tune from. Its class list must equal ``classes`` unless
         ``new_classes`` (then the output layer is new) or it is a ``"pretrained"`` checkpoint.
@@ -498,6 +510,7 @@ def train(images: Sequence[np.ndarray], annotations: Sequence[np.ndarray],
     dev = resolve_device(device)
     class_names = class_list(mapping, classes)
     sections = check_sections(images, annotations, mapping, class_names, names, section_values)
+    _attach_bias(sections, section_bias, len(class_names))
     n_values = len(sections[0].values)
     if n_values and not cfg.context and init is None:
         raise InputError("section_values feed the context branch: they need config.context=True")
@@ -518,6 +531,8 @@ def train(images: Sequence[np.ndarray], annotations: Sequence[np.ndarray],
             history = _fit(model, train_secs, val_secs, cfg, rng, dev, seed, progress)
         finally:
             torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    if any(sec.bias is not None for sec in sections):
+        model.meta["prior_bias"] = True
     model.meta.update({
         "kind": "segmentation",
         "training": {"config": cfg.as_dict(), "seed": seed, "sections": [s.name for s in train_secs],
@@ -526,6 +541,26 @@ def train(images: Sequence[np.ndarray], annotations: Sequence[np.ndarray],
         "history": history,
     })
     return model.eval(), history
+
+
+def _attach_bias(sections: list[TrainingSection], bias: Sequence[tuple[np.ndarray, int] | None] | None,
+                 n_classes: int) -> None:
+    """Check each section's ``(grid, step)`` and attach it (see :func:`train`)."""
+    if bias is None:
+        return
+    if len(bias) != len(sections):
+        raise InputError(f"got {len(sections)} sections and {len(bias)} bias grids; they must pair up "
+                         "one to one (None for a section without)")
+    for sec, item in zip(sections, bias, strict=True):
+        if item is None:
+            continue
+        grid, step = np.asarray(item[0], np.float32), int(item[1])
+        if grid.ndim != 3 or grid.shape[0] != n_classes or min(grid.shape) < 1:
+            raise InputError(f"{sec.name}: the bias grid has shape {grid.shape}; expected ({n_classes}, "
+                             "rows, columns), one plane per class")
+        if step < 1 or not np.all(np.isfinite(grid)):
+            raise InputError(f"{sec.name}: the bias grid needs a step >= 1 and finite values (step {step})")
+        sec.bias, sec.bias_step = grid, step
 
 
 def _initial_model(init: str | os.PathLike[str] | SegmentationModel | None, new_classes: bool,
@@ -581,6 +616,14 @@ def _fit(model: SegmentationModel, train_secs: list[TrainingSection], val_secs: 
                 / np.asarray(model.std.cpu()).reshape(-1, 1, 1)
             canvases.append(torch.from_numpy(overview_canvas(ov.astype(np.float32), ctx_size, sec.values)))
             factors.append(f)
+    # an atlas prior added to the logits while learning: turned with the patch's pixels (as extra
+    # channels through the augmentation, which changes only the grey channels' intensities)
+    biases = [None if sec.bias is None else torch.from_numpy(sec.bias) for sec in train_secs]
+    use_bias = any(b is not None for b in biases)
+    channels = train_secs[0].image.shape[0]
+    aug = cfg.augmentation
+    if use_bias:
+        aug = replace(aug, intensity_channels=min(aug.intensity_channels or channels, channels))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=cfg.max_iterations,
                                                 pct_start=0.15)
@@ -604,9 +647,20 @@ def _fit(model: SegmentationModel, train_secs: list[TrainingSection], val_secs: 
                 ctx = torch.cat([context_input(canvases[s], factors[s], torch.from_numpy(o[None]),
                                                (cfg.patch_size, cfg.patch_size))
                                  for s, o in zip(which, origins, strict=True)])
-            x, y, ctx = augment(x.cpu(), y.cpu(), ctx, cfg.augmentation, gen)
+            bias = None
+            if use_bias:
+                p = cfg.patch_size
+                planes = [torch.zeros(len(model.classes), p, p) if biases[s] is None else
+                          grid_window(biases[s], train_secs[s].bias_step, int(o[0]), int(o[1]), p, p)
+                          for s, o in zip(which, origins, strict=True)]
+                x = torch.cat([x.cpu(), torch.stack(planes)], 1)
+            x, y, ctx = augment(x.cpu(), y.cpu(), ctx, aug, gen)
+            if use_bias:
+                x, bias = x[:, :channels], x[:, channels:].to(dev)
             x, y = x.to(dev), y.to(dev)
             logits = model.net(x, ctx.to(dev) if ctx is not None else None)
+            if bias is not None:
+                logits = logits + bias
             loss = F.cross_entropy(logits, y, ignore_index=IGNORE)
             if cfg.dice_weight:
                 loss = loss + cfg.dice_weight * _soft_dice_loss(logits, y)
