@@ -10,9 +10,9 @@ that for every section of one brain and :func:`prior_predictor` adds it to the n
 (Bayes' rule with the network's posterior tempered by ``weight``). The same sum is what the
 network learns with (``train(section_bias=...)`` takes :meth:`AtlasPrior.section_grid`), so that it
 learns what the atlas does not already say; a network that learnt so must predict with the same
-prior and weight. The prior of the background
-class is what the atlas leaves over: ``1 - sum of the areas' probabilities``, clipped to [0, 1]
-(other areas of the atlas count as background, as they do in the annotations).
+prior and weight. The prior of the background class is what the atlas leaves over:
+``1 - sum of the areas' probabilities``, clipped to [0, 1] (other areas of the atlas count as
+background, as they do in the annotations).
 
 Where a pixel is: section pixel -> the brain's own space by the section's placement (the in-plane
 alignment of :func:`atlasbuilder.reconstruction.reconstruct` to the brain's blockface/MRI) ->
