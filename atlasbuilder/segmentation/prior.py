@@ -210,6 +210,12 @@ class AtlasPrior:
         p = np.stack([ndimage.gaussian_filter(q, 1.0, mode="nearest") for q in p])
         return (self.weight * np.log(p + PRIOR_FLOOR)).astype(np.float32)
 
+    def section_bias(self, numbers: Sequence[int]) -> list[tuple[np.ndarray, int] | None]:
+        """``(section_grid, step_px)`` of each section (None without a placement): what
+        :func:`~.training.train` takes as ``section_bias`` to learn with the prior."""
+        grids = [self.section_grid(n) for n in numbers]
+        return [None if g is None else (g, self.step_px) for g in grids]
+
 
 def prior_predictor(predictor: Any, grid: np.ndarray | None, step: int) -> Any:
     """Wrap a predictor so that the section's prior ``grid`` (from :meth:`AtlasPrior.section_grid`)

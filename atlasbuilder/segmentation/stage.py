@@ -674,14 +674,13 @@ def train_cohort_model(manifest: Manifest | str | os.PathLike[str], out_path: st
             raise InputError(f"subject {sid}: annotation classes {sub.classes} differ from {ids[0]}'s "
                              f"{classes}; a cohort model needs one class set")
         imgs, anns, nms = _training_inputs(sub, st)
-        values += _section_values(sub, sorted(sub.annotations), int(st.stack_position))
+        annotated = sorted(sub.annotations)
+        values += _section_values(sub, annotated, int(st.stack_position))
         prior = priors.get(sid)
         if prior is not None and list(prior.classes) != classes:
             raise InputError(f"subject {sid}: the atlas prior was made for classes {prior.classes}, not "
                              f"{classes}")
-        for n in sorted(sub.annotations):
-            grid = prior.section_grid(n) if prior is not None else None
-            bias.append(None if grid is None or prior is None else (grid, prior.step_px))
+        bias += prior.section_bias(annotated) if prior is not None else [None] * len(annotated)
         # label values may differ between brains: recode them to class indices + 1 (0 = background)
         lut = {v: (classes.index(k) if k is not None else -1) for v, k in sub.mapping.items()}
         for ann in anns:
@@ -696,7 +695,7 @@ def train_cohort_model(manifest: Manifest | str | os.PathLike[str], out_path: st
     t0 = time.perf_counter()
     model, _ = train(images, labels, merged, classes=classes, names=names,
                      config=st.training_config(st.cohort_iterations, st.cohort_lr), section_values=values,
-                     section_bias=bias if any(b is not None for b in bias) else None, seed=seed,
+                     section_bias=bias, seed=seed,
                      device=device, progress=progress)
     model.meta["stage"] = {"kind": "cohort", "subjects": ids, "positions": st.positions,
                            "settings": st.as_dict(), "train_s": time.perf_counter() - t0}
@@ -906,13 +905,9 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
         # one never takes it: its context branch is kept as it is); from scratch, the settings do
         count = (int(meta.get("section_values", 0)) if init_checkpoint is not None
                  else int(st.stack_position))
-        bias = None
-        if prior is not None:
-            grids = [prior.section_grid(n) for n in annotated]
-            bias = [None if g is None else (g, prior.step_px) for g in grids]
         model, _ = train(images, labels, sub.mapping, classes=sub.classes, names=names, config=cfg,
                          section_values=_section_values(sub, annotated, count),
-                         section_bias=bias if bias and any(b is not None for b in bias) else None,
+                         section_bias=prior.section_bias(annotated) if prior is not None else None,
                          init=init_checkpoint, new_classes=False, seed=seed, device=dev,
                          progress=progress)
     t_train = time.perf_counter() - t0
