@@ -322,6 +322,9 @@ class SegmentationSettings(_Model):
     #: probabilities in the network's scores, while it learns and when it predicts (0: the prior
     #: is not used)
     prior_weight: Annotated[float, Field(ge=0, le=10)] = 1.0
+    #: cohort models trained alike from the seeds seed, seed + 1, ... (the build trains them at
+    #: the same time on separate workers); each brain is mapped by the mean of their scores
+    cohort_models: Annotated[int, Field(ge=1, le=8)] = 2
 
 
 class ReconstructionSettings(_Model):

@@ -150,7 +150,7 @@ def _data_manifest(path: str, quick: bool) -> Any:
 
 
 def _segment_brain(manifest: str, quick: bool, stages: dict[str, Any], subject: str, out_dir: str,
-                   init_checkpoint: str | None, device: str, seed: int, threads: int,
+                   init_checkpoint: str | list[str] | None, device: str, seed: int, threads: int,
                    progress: bool, prior_atlas: str | None = None, placement_dir: str | None = None,
                    transform_dirs: Sequence[str] = ()) -> dict[str, Any]:
     from .segmentation.qa import write_segmentation_qa
@@ -472,7 +472,7 @@ def _segmentation(ctx: BuildContext) -> StageResult:
                         "annotations": fp.files(m.annotation_files(s.id)),
                         "labels": {str(k): v for k, v in s.annotations.labels.items()},
                         "background": s.annotations.background}
-    init = None
+    init: list[str] | None = None
     init_key = None
     note = ""
     first: list[Unit] = []
@@ -482,33 +482,42 @@ def _segmentation(ctx: BuildContext) -> StageResult:
     # first (the later stages reuse both): the cohort model learns with each brain's prior
     prior_dir, prep, priors = _prior_inputs(ctx)
     if protocol == "transfer":
-        # one model learns from every brain's annotated sections and maps each brain (after a
-        # fine-tuning on the brain's own sections if transfer_iterations asks for one)
-        ckpt = ctx.output / "models" / "cohort" / "model.pt"
-        # the prediction window and the per-brain fine-tuning do not change the cohort model: not
-        # in its key (tta does: it trains with flips)
-        train_params = {**{k: v for k, v in seg_params.items() if k != "tile"},
+        # cohort models learn from every brain's annotated sections (alike, from the seeds seed,
+        # seed + 1, ...) and map each brain together (after a fine-tuning on the brain's own
+        # sections if transfer_iterations asks for one)
+        n_models = int(resolved["cohort_models"])
+        # the prediction window, the per-brain fine-tuning and how many models there are do not
+        # change a cohort model: not in its key (tta does: it trains with flips)
+        train_params = {**{k: v for k, v in seg_params.items() if k not in ("tile", "cohort_models")},
                         "resolved": {k: v for k, v in seg_params["resolved"].items()
-                                     if k not in ("tile", "transfer_iterations")}}
+                                     if k not in ("tile", "transfer_iterations", "cohort_models")}}
         cohort_prior: dict[str, Any] = {}
         prior_keys: list[Any] = []
         if priors:
             cohort_prior = {"prior_atlas": str(prior_dir),
                             "priors": {sid: [v[0], v[1]] for sid, v in priors.items()}}
             prior_keys = [{sid: v[2] for sid, v in priors.items()}]
-        init_key = content_key("segmentation-cohort", STAGE_FORMATS["segmentation"], inputs,
-                               train_params, m.areas, ctx.manifest.seed, ctx.quick, *prior_keys)
-        # the brains wait for it (one queue: see Executor.run); with an atlas prior it waits for
-        # the units that place and register the brains
-        unit = Unit("segmentation", "cohort-model", "atlasbuilder.pipeline:_train_cohort_model",
-                    {**base, "out_path": str(ckpt), "device": device, "seed": ctx.manifest.seed,
-                     "threads": threads, "progress": ctx.progress, **cohort_prior},
-                    init_key, directory=ckpt.parent, resources=resources, priority=10,
-                    after=tuple(u.name for u in prep) if priors else ())
-        first = [unit]
-        init = str(ckpt)
-        note = ("transfer: cohort model fine-tuned per brain" if resolved["transfer_iterations"]
-                else "transfer: one cohort model maps every brain")
+        init = []
+        member_keys = []
+        for i in range(n_models):
+            ckpt = ctx.output / "models" / ("cohort" if i == 0 else f"cohort-{i + 1}") / "model.pt"
+            seed = ctx.manifest.seed + i
+            key = content_key("segmentation-cohort", STAGE_FORMATS["segmentation"], inputs,
+                              train_params, m.areas, seed, ctx.quick, *prior_keys)
+            # the brains wait for the models (one queue: see Executor.run); with an atlas prior
+            # the models wait for the units that place and register the brains
+            first.append(Unit("segmentation", "cohort-model" if i == 0 else f"cohort-model-{i + 1}",
+                              "atlasbuilder.pipeline:_train_cohort_model",
+                              {**base, "out_path": str(ckpt), "device": device, "seed": seed,
+                               "threads": threads, "progress": ctx.progress, **cohort_prior},
+                              key, directory=ckpt.parent, resources=resources, priority=10,
+                              after=tuple(u.name for u in prep) if priors else ()))
+            init.append(str(ckpt))
+            member_keys.append(key)
+        init_key = member_keys[0] if n_models == 1 else content_key(*member_keys)
+        models = "one cohort model" if n_models == 1 else f"{n_models} cohort models"
+        note = (f"transfer: {models} fine-tuned per brain" if resolved["transfer_iterations"]
+                else f"transfer: {models} map every brain")
     if prep:
         ctx.run("segmentation", [*prep, *first])
         note = f"{note or f'protocol {protocol}'}; atlas prior {prior_dir}"

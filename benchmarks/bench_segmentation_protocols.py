@@ -8,8 +8,11 @@ against ``truth/subjects/<id>/sections/<name>.png``, mean over the areas present
   unannotated sections (:func:`atlasbuilder.segmentation.pretrain`);
 - ``transfer``  (c): a cohort model trained on the annotated sections of the OTHER brains
   (leave-one-out), fine-tuned on the brain's own annotations;
-- ``build``        : the build's protocol (``auto``): one cohort model on ALL brains' annotations,
-  fine-tuned per brain (what ``atlasbuilder segment`` does).
+- ``build``        : the build's protocol (``auto``): ``cohort_models`` cohort models (seeds 0, 1,
+  ...; trained one after the other here) on ALL brains' annotations, mapping each brain together
+  (what ``atlasbuilder segment`` does; ``--set cohort_models=1`` for one). ``transfer`` and
+  ``dense`` train as many. No atlas prior here (the build's needs every brain placed and
+  registered): score a build's segmentation with ``--build``.
 - ``selftrain``    : ``build``, then one round of self-training per brain: the brain's pixels
   predicted with at least ``--pseudo-threshold`` confidence on its non-annotated sections become
   pseudo-labels (the rest is ignored), the brain's model is fine-tuned on them and its annotations
@@ -28,7 +31,13 @@ Usage::
         --protocols scratch,pretrain,transfer --brains B01,B02,B03
     nice python benchmarks/bench_segmentation_protocols.py --cohort default --protocols dense \
         --brains B09,B10
-    nice python benchmarks/bench_segmentation_protocols.py --cohort quick --protocols build,selftrain
+    nice python benchmarks/bench_segmentation_protocols.py --cohort quick --protocols build,selftrain \
+        --set cohort_models=1
+    python benchmarks/bench_segmentation_protocols.py --build demo-atlas-full   # a build's maps
+
+``--build DIR`` trains nothing: it scores the segmentation of every brain of an atlas built from a
+demo manifest (``atlasbuilder build data_manifests/demo.yaml -o DIR``, the atlas prior and all)
+against the truth of the cohort it was built from.
 
 Prints a per-brain and per-area table and minutes per brain; ``--json`` writes the numbers.
 """
@@ -98,6 +107,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared, oversubscribed CPU 2 threads ran ~10x slower)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--build", default=None, metavar="DIR",
+                    help="score the segmentation of an atlas built from a demo manifest instead")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a StageSettings field, e.g. --set positions=True (repeatable)")
     ap.add_argument("--work", default=None, help="keep outputs here (default: a temporary directory)")
@@ -108,6 +119,12 @@ def main() -> None:
     ap.add_argument("--pseudo-steps", type=int, default=300,
                     help="selftrain: fine-tuning steps on annotations + pseudo-labels (default 300)")
     args = ap.parse_args()
+    if args.build:
+        results = {"build": _score_build(Path(args.build))}
+        _table(results)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return
     if not 0 < args.pseudo_threshold <= 1 or args.pseudo_steps < 1:
         ap.error("--pseudo-threshold must be in (0, 1] and --pseudo-steps at least 1")
     if "dense" in args.protocols.split(",") and not args.brains:
@@ -146,21 +163,26 @@ def main() -> None:
         base = work / protocol
         if protocol == "selftrain":
             base = work / "build"  # the build protocol's models and predictions are its start
+        if protocol == "selftrain" and st.cohort_models > 1:
+            raise SystemExit("selftrain fine-tunes one model: run it with --set cohort_models=1")
+        # the protocols with cohort models train st.cohort_models of them (seeds 0, 1, ...), one
+        # after the other (the build trains them at the same time on separate workers)
+        models = [base / ("cohort_model.pt" if i == 0 else f"cohort_model-{i + 1}.pt")
+                  for i in range(st.cohort_models)]
         if protocol in ("build", "dense", "selftrain"):
             tc = time.perf_counter()
-            ck = base / "cohort_model.pt"
-            if not ck.exists() and protocol in ("build", "selftrain"):
-                train_cohort_model(manifest, ck, settings=st, progress=False)
-            elif not ck.exists():
-                dense = load_manifest(_dense_manifest(cohort, base / "manifest", args.dense_every))
-                train_cohort_model(dense, ck, exclude=ids, settings=st, progress=True)
+            for seed, ck in enumerate(models):
+                if not ck.exists() and protocol in ("build", "selftrain"):
+                    train_cohort_model(manifest, ck, settings=st, seed=seed, progress=False)
+                elif not ck.exists():
+                    dense = load_manifest(_dense_manifest(cohort, base / "manifest", args.dense_every))
+                    train_cohort_model(dense, ck, exclude=ids, settings=st, seed=seed, progress=True)
             res["cohort_model_min"] = (time.perf_counter() - tc) / 60
         for sid in ids:
             tb = time.perf_counter()
             out = base / sid
             if protocol in ("build", "dense", "selftrain"):
-                segment_subject(manifest, sid, out, init_checkpoint=base / "cohort_model.pt", settings=st,
-                                progress=False)
+                segment_subject(manifest, sid, out, init_checkpoint=models, settings=st, progress=False)
                 if protocol == "selftrain":
                     out = _self_train(manifest, sid, out, work / "selftrain" / sid, st,
                                       args.pseudo_threshold, args.pseudo_steps)
@@ -168,10 +190,13 @@ def main() -> None:
                 segment_subject(manifest, sid, out, settings=replace(st, protocol="scratch"),
                                 progress=False)
             elif protocol == "transfer":
-                ck = base / f"cohort_without_{sid}.pt"
-                if not ck.exists():
-                    train_cohort_model(manifest, ck, exclude=[sid], settings=st, progress=False)
-                segment_subject(manifest, sid, out, init_checkpoint=ck, settings=st, progress=False)
+                cks = [base / (f"cohort_without_{sid}.pt" if i == 0 else f"cohort_without_{sid}-{i + 1}.pt")
+                       for i in range(st.cohort_models)]
+                for seed, ck in enumerate(cks):
+                    if not ck.exists():
+                        train_cohort_model(manifest, ck, exclude=[sid], settings=st, seed=seed,
+                                           progress=False)
+                segment_subject(manifest, sid, out, init_checkpoint=cks, settings=st, progress=False)
             elif protocol == "pretrain":
                 ck = base / f"pretrained_{sid}.pt"
                 if not ck.exists():
@@ -307,6 +332,29 @@ def _self_train(manifest: Any, sid: str, first: Path, out: Path, st: Any, thresh
     info["note"] = f"self-trained from {first} (pseudo-labels at >= {threshold}, {steps} steps)"
     (out / "segmentation.json").write_text(json.dumps(info, indent=1))
     return out
+
+
+def _score_build(build: Path) -> dict:
+    """Every brain's segmentation in an atlas directory, scored against its demo cohort's truth."""
+    res: dict = {"brains": {}, "minutes": {}}
+    brains = build / "brains"
+    if not brains.is_dir():
+        raise SystemExit(f"{build}: not an atlas directory with brains/ (atlasbuilder build -o DIR)")
+    for d in sorted(brains.iterdir()):
+        seg = d / "segmentation"
+        if not (seg / "segmentation.json").is_file():
+            continue  # the reference brain, or a brain not segmented
+        info = json.loads((seg / "segmentation.json").read_text())
+        cohort = Path(info["sections"][0]["source"]).parents[2]  # <cohort>/sections/<id>/<file>
+        if not (cohort / "truth" / "subjects" / d.name).is_dir():
+            raise SystemExit(f"{seg}: its sections come from {cohort}, which has no truth for "
+                             f"{d.name} (not a demo cohort)")
+        res["brains"][d.name] = score(cohort, d.name, seg)
+        res["minutes"][d.name] = float(info["timings_s"]["total"]) / 60
+    if not res["brains"]:
+        raise SystemExit(f"{build}: no segmented brains under brains/")
+    res["total_min"] = sum(res["minutes"].values())
+    return res
 
 
 def _table(results: dict) -> None:

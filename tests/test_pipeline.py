@@ -127,9 +127,14 @@ def test_quick_demo_build_runs_every_stage(quick_demo):
         rec = json.loads((d / "reconstruction" / "reconstruction.json").read_text())
         assert rec["params"]["alignment_from"] == str(d / "placement")
     assert (quick_demo / "brains" / "BigBrain" / "reconstruction" / "reconstruction.json").is_file()
-    # the cohort model learnt with each brain's prior added to its scores
-    cohort = torch.load(quick_demo / "models" / "cohort" / "model.pt", weights_only=True)
-    assert cohort["meta"]["prior_bias"] is True
+    # the cohort models (2, from the seeds seed and seed + 1) learnt with each brain's prior added
+    # to their scores, and map every brain together
+    models = [quick_demo / "models" / name / "model.pt" for name in ("cohort", "cohort-2")]
+    cohorts = [torch.load(p, weights_only=True) for p in models]
+    assert all(c["meta"]["prior_bias"] is True for c in cohorts)
+    assert [c["meta"]["stage"]["seed"] for c in cohorts] == [prov["parameters"]["seed"] + i for i in (0, 1)]
+    seg = json.loads((quick_demo / "brains" / "B02" / "segmentation" / "segmentation.json").read_text())
+    assert seg["init_checkpoint"] == [str(p) for p in models]
     # the atlas answers: somewhere along the left calcarine sulcus hOc1 is the most probable area
     v1 = atlas.region_info("hOc1_left")
     top = atlas.query([v1["centroid_mm"]])[0]["regions"][0]

@@ -106,10 +106,16 @@ def segmented_root(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 @pytest.fixture(scope="module")
-def cohort_model(segmented_root: Path) -> Path:
-    path = segmented_root / "cohort_model.pt"
-    assert path.is_file()
-    return path
+def cohort_models(segmented_root: Path) -> list[Path]:
+    """The cohort models ``segment`` trained (StageSettings.cohort_models: 2 by default)."""
+    paths = [segmented_root / "cohort_model.pt", segmented_root / "cohort_model-2.pt"]
+    assert all(p.is_file() for p in paths)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def cohort_model(cohort_models: list[Path]) -> Path:
+    return cohort_models[0]
 
 
 @pytest.fixture(scope="module")
@@ -197,12 +203,51 @@ def test_segment_subject_outputs(cohort: Path, segmented: Path) -> None:
             assert np.array_equal(maps[n], load_section_probabilities(segmented, n)[1][1:])
 
 
-def test_segment_subject_resumes(cohort: Path, cohort_model: Path, segmented: Path) -> None:
+def test_segment_subject_resumes(cohort: Path, cohort_models: list[Path], segmented: Path) -> None:
     stamp = {p: p.stat().st_mtime_ns for p in segmented.rglob("*") if p.is_file()}
-    info = segment_subject(cohort, "B01", segmented, init_checkpoint=cohort_model, settings=TINY,
+    info = segment_subject(cohort, "B01", segmented, init_checkpoint=cohort_models, settings=TINY,
                            progress=False)
     assert info == json.loads((segmented / "segmentation.json").read_text())
     assert {p: p.stat().st_mtime_ns for p in segmented.rglob("*") if p.is_file()} == stamp
+
+
+def test_segment_trains_an_ensemble_of_cohort_models(segmented_root: Path, segmented: Path,
+                                                    cohort_models: list[Path]) -> None:
+    from atlasbuilder.segmentation.training import _read_checkpoint
+
+    # two models alike from the seeds 0 and 1: different weights
+    a, b = (_read_checkpoint(p)["state_dict"] for p in cohort_models)
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((segmented_root / "cohort_model-2.json").read_text())["seed"] == 1
+    # each brain fine-tuned both (transfer_iterations) and kept both
+    info = json.loads((segmented / "segmentation.json").read_text())
+    assert info["init_checkpoint"] == [str(p) for p in cohort_models]
+    assert info["models"] == ["model.pt", "model-2.pt"] and info["model"] == "model.pt"
+    assert all((segmented / f).is_file() for f in info["models"])
+
+
+def test_an_ensemble_of_one_model_twice_maps_as_the_model(cohort: Path, cohort_models: list[Path],
+                                                          tmp_path: Path) -> None:
+    st = StageSettings(**{**TINY.as_dict(), "transfer_iterations": 0})
+    one = segment_subject(cohort, "B02", tmp_path / "one", init_checkpoint=cohort_models[0], settings=st,
+                          progress=False)
+    twice = segment_subject(cohort, "B02", tmp_path / "twice", init_checkpoint=[cohort_models[0]] * 2,
+                            settings=st, progress=False)
+    both = segment_subject(cohort, "B02", tmp_path / "both", init_checkpoint=cohort_models, settings=st,
+                           progress=False)
+    assert one["models"] == ["model.pt"] and twice["models"] == ["model.pt", "model-2.pt"]
+    assert one["dice_annotated"] == twice["dice_annotated"]
+    differs = False
+    for n in NUMBERS:
+        p1 = load_section_probabilities(tmp_path / "one", n)[1]
+        assert np.array_equal(p1, load_section_probabilities(tmp_path / "twice", n)[1])
+        differs = differs or not np.array_equal(p1, load_section_probabilities(tmp_path / "both", n)[1])
+    assert differs  # the second model does change the maps
+    assert both["inputs_key"] != twice["inputs_key"] != one["inputs_key"]
+    with pytest.raises(InputError, match="empty list of checkpoints"):
+        segment_subject(cohort, "B02", tmp_path / "none", init_checkpoint=[], settings=st, progress=False)
+    with pytest.raises(InputError, match="cohort_models must be 1 to 8"):
+        StageSettings(cohort_models=0)
 
 
 def test_scratch_is_deterministic(cohort: Path, tmp_path: Path) -> None:
@@ -490,7 +535,8 @@ def test_segment_rerun_after_an_annotation_changed_retrains(tmp_path: Path) -> N
 
     def stamps() -> dict[str, int]:
         return {p: (out / p).stat().st_mtime_ns for p in
-                ("cohort_model.pt", "B01/segmentation.json", "B02/segmentation.json")}
+                ("cohort_model.pt", "cohort_model-2.pt", "B01/segmentation.json",
+                 "B02/segmentation.json")}
 
     first = stamps()
     segment(manifest, out, device="cpu", settings=TINY, progress=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 
@@ -23,6 +24,7 @@ from atlasbuilder.segmentation.data import (
 from atlasbuilder.segmentation.networks import UNet
 from atlasbuilder.segmentation.prediction import open_prediction, predict_array, predict_file
 from atlasbuilder.segmentation.training import (
+    ModelEnsemble,
     SegmentationModel,
     TrainingConfig,
     dice_scores,
@@ -292,6 +294,30 @@ def test_segmentation_model_with_context_through_predict_file(tmp_path, trained)
                               [0.0], [1.0], patch_size=16)
     with pytest.raises(InputError, match="sliding-window engine"):
         fresh(torch.zeros(1, 1, 16, 16))
+
+
+def test_an_ensemble_predicts_the_mean_of_its_models_scores(trained):
+    images, labels, model, _ = trained
+    model = copy.deepcopy(model)  # the fixture's model is shared: its normalisation is changed below
+    other, _ = train(images, labels, MAPPING, config=FAST, seed=1)
+    ens = ModelEnsemble([model, other])
+    assert ens.classes == CLASSES and len(ens) == 2
+    assert ens.needs_origins and ens.overview_size == FAST.context_size
+    window = model.window()
+    a, b = (predict_array(images[2], m, window=window) for m in (model, other))
+    both = predict_array(images[2], ens, window=window)
+    assert not np.allclose(a, b)  # another seed, another network
+    # the mean of the scores, through the sliding window (blending is linear)
+    np.testing.assert_allclose(both, (a + b) / 2, atol=1e-5)
+    # the normalisation reaches every member
+    ens.set_normalisation([100.0], [50.0])
+    assert all(float(m.mean) == 100.0 and float(m.std) == 50.0 for m in (model, other))
+    mixed = SegmentationModel(UNet(1, 2, depth=2, width=4), ["background", "area A"], [0.0], [1.0],
+                              patch_size=16)
+    with pytest.raises(InputError, match="model 2 of the ensemble has classes"):
+        ModelEnsemble([model, mixed])
+    with pytest.raises(InputError, match="at least one model"):
+        ModelEnsemble([])
 
 
 def test_overview_canvas_adds_a_plane_per_section_value():

@@ -44,6 +44,17 @@ weights were compared on the same ten brains). A floor of 0.01 instead of 0.001 
 prior smoothed by two grid steps instead of one 0.680. The prior alone (its most probable class
 at each pixel) scores 0.356.
 
+Two cohort models map each brain by default (``cohort_models``): trained alike from the seeds
+``seed`` and ``seed + 1``, their scores averaged (:class:`~.training.ModelEnsemble`, as flip TTA
+averages a network's scores). The build trains them at the same time on separate workers; on the
+2-core demo machine the second core had nothing else to do while the cohort model trained, so the
+second model costs no training wall time, and each brain's prediction about twice as long. Default
+demo, weight-1 prior: 0.679 (seed 0) and 0.680 (seed 1) alone, 0.690 together (hOc2, hOc3v,
+hOc5 right gained most). Spending the idle core on one model instead did not pay: two torch
+threads ran a training step only 1.3x faster, and the same compute spent differently scored no
+better (batch 4 for 5000 steps 0.681; 24 feature maps for 4000 steps 0.670; bfloat16 autocast,
+1.25x faster, for 3400 steps 0.643).
+
 The figures below, up to the prediction window, were measured on the demo's earlier, fainter
 phantom (cohort format 3, whose areas' laminar signatures were too alike); on the current one
 (format 4) the build reaches a mean Dice of about 0.6 (README, status table).
@@ -111,9 +122,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..manifest import Manifest
     from .prior import AtlasPrior
-    from .training import SegmentationModel, TrainingConfig
+    from .training import ModelEnsemble, SegmentationModel, TrainingConfig
 
 log = logging.getLogger(__name__)
+
+#: An initial checkpoint, or several: an ensemble of cohort models that map a brain together.
+Checkpoints = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
 __all__ = [
     "SEGMENTATION_FORMAT",
@@ -133,6 +147,7 @@ SEGMENTATION_FORMAT = 1
 BACKGROUND = "background"
 FRAME_SIZE = 256  # overview edge (px) the tissue frame is measured on
 PROTOCOLS = ("auto", "transfer", "finetune", "scratch")
+MAX_COHORT_MODELS = 8
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,6 +214,14 @@ class StageSettings:
         With an atlas prior (:mod:`.prior`): the exponent of its probabilities in the scores,
         ``logit + prior_weight * log(prior + floor)``, while the network learns and when it
         predicts (see the module docstring); 0 ignores the prior.
+    cohort_models
+        How many cohort models (protocol ``"transfer"``) are trained, alike but from the seeds
+        ``seed``, ``seed + 1``, ...; every brain is mapped by the mean of their scores
+        (:class:`~.training.ModelEnsemble`). The build trains them at the same time on separate
+        workers: on the 2-core demo machine the second core is otherwise idle while the cohort
+        model trains, so 2 models cost no more wall time to train and each brain's prediction takes
+        about twice as long. Demo (default cohort, 10 brains, weight-1 prior): 0.679 with one
+        model (seed 0; 0.680 with seed 1), 0.690 with both.
 
     Notes
     -----
@@ -240,6 +263,7 @@ class StageSettings:
     tta: bool = False
     threads: int | None = None
     prior_weight: float = 1.0
+    cohort_models: int = 2
 
     def __post_init__(self) -> None:
         from .shapes import input_multiple
@@ -258,6 +282,8 @@ class StageSettings:
                              f"scale={self.scale!r}, elastic_px={self.elastic_px!r}")
         if not (math.isfinite(float(self.prior_weight)) and 0 <= float(self.prior_weight) <= 10):
             raise InputError(f"prior_weight must be in [0, 10], got {self.prior_weight!r}")
+        if not 1 <= int(self.cohort_models) <= MAX_COHORT_MODELS:
+            raise InputError(f"cohort_models must be 1 to {MAX_COHORT_MODELS}, got {self.cohort_models!r}")
         if self.tta and not self.flips:
             raise InputError("tta needs a network trained with flips (flips=True): one trained on "
                              "unturned patches does not recognise flipped ones")
@@ -299,7 +325,7 @@ class StageSettings:
 def settings_from_manifest(manifest: Manifest) -> StageSettings:
     """:class:`StageSettings` from ``stages.segmentation``: ``protocol``, ``tile``, ``overlap``,
     ``batch_size``, ``width``, ``tta`` (which also trains with ``flips``), ``stack_position``,
-    ``prior_weight``;
+    ``prior_weight``, ``cohort_models``;
     ``epochs`` scales every
     number of training steps relative to its default of 40 (so a quick build's 16 epochs train for
     16/40 of the steps, at least 40 for the cohort model).
@@ -320,7 +346,7 @@ def settings_from_manifest(manifest: Manifest) -> StageSettings:
     return replace(base, protocol=str(seg.protocol), tile=int(seg.tile), overlap=float(seg.overlap),
                    batch_size=int(seg.batch_size), width=int(seg.width), tta=bool(seg.tta),
                    flips=bool(seg.tta), stack_position=bool(seg.stack_position),
-                   prior_weight=float(seg.prior_weight),
+                   prior_weight=float(seg.prior_weight), cohort_models=int(seg.cohort_models),
                    cohort_iterations=max(40, round(base.cohort_iterations * min(scale, 4.0))),
                    finetune_iterations=max(10, round(base.finetune_iterations * min(scale, 4.0))),
                    scratch_iterations=max(40, round(base.scratch_iterations * min(scale, 4.0))),
@@ -416,7 +442,7 @@ def _stack_position(manifest: Manifest, subject_id: str, number: int) -> float:
     return 0.5 if hi == lo else float((number - lo) / (hi - lo))
 
 
-def _positioned_predictor(model: SegmentationModel, frame: Sequence[float], z: float) -> Any:
+def _positioned_predictor(model: SegmentationModel | ModelEnsemble, frame: Sequence[float], z: float) -> Any:
     """Wrap ``model`` (trained on grey + position channels) for the sliding-window engine."""
     import torch
 
@@ -698,7 +724,8 @@ def train_cohort_model(manifest: Manifest | str | os.PathLike[str], out_path: st
                      section_bias=bias, seed=seed,
                      device=device, progress=progress)
     model.meta["stage"] = {"kind": "cohort", "subjects": ids, "positions": st.positions,
-                           "settings": st.as_dict(), "train_s": time.perf_counter() - t0}
+                           "settings": st.as_dict(), "seed": int(seed),
+                           "train_s": time.perf_counter() - t0}
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     return save_checkpoint(model, out)
@@ -726,18 +753,40 @@ def _run_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k != "threads"}
 
 
-def _inputs_key(sub: _Subject, init_checkpoint: str | os.PathLike[str] | None, seed: int) -> str:
+def _inputs_key(sub: _Subject, init_checkpoint: Checkpoints | None, seed: int) -> str:
     """A hash of what a brain's segmentation learns from besides the settings: its annotations
-    (bytes), label mapping, section files (names and sizes), the initial checkpoint (bytes) and
+    (bytes), label mapping, section files (names and sizes), the initial checkpoint(s) (bytes) and
     the seed. A rerun into the same directory with other inputs redoes the brain."""
     from ..execution import content_key
     from ..storage import sha256_file
 
+    paths = _checkpoint_list(init_checkpoint)
+    init: Any = None
+    if paths:
+        init = sha256_file(paths[0]) if len(paths) == 1 else [sha256_file(p) for p in paths]
     return content_key(
         {str(n): sha256_file(p) for n, p in sorted(sub.annotations.items())},
         {str(k): v for k, v in sorted(sub.mapping.items())},
-        {p.name: p.stat().st_size for p in sub.sections.values()},
-        None if init_checkpoint is None else sha256_file(Path(init_checkpoint)), int(seed))
+        {p.name: p.stat().st_size for p in sub.sections.values()}, init, int(seed))
+
+
+def _checkpoint_list(init_checkpoint: Checkpoints | None) -> list[Path]:
+    """One checkpoint path or several (an ensemble) as a list (empty for None)."""
+    if init_checkpoint is None:
+        return []
+    if isinstance(init_checkpoint, (str, os.PathLike)):
+        return [Path(init_checkpoint)]
+    paths = [Path(p) for p in init_checkpoint]
+    if not paths:
+        raise InputError("init_checkpoint: an empty list of checkpoints (give None to train from scratch)")
+    return paths
+
+
+def _ensemble(models: Sequence[SegmentationModel]) -> SegmentationModel | ModelEnsemble:
+    """One model as it is; several as a :class:`~.training.ModelEnsemble` (mean of their scores)."""
+    from .training import ModelEnsemble
+
+    return models[0] if len(models) == 1 else ModelEnsemble(models)
 
 
 def _json_or_none(path: Path) -> Any:
@@ -784,7 +833,7 @@ def _complete(out_dir: Path, sub: _Subject, st: StageSettings | None = None,
 
 def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str,
                     out_dir: str | os.PathLike[str], *,
-                    init_checkpoint: str | os.PathLike[str] | None = None,
+                    init_checkpoint: Checkpoints | None = None,
                     settings: StageSettings | None = None, device: str = "cpu", threads: int | None = None,
                     seed: int = 0, progress: bool = True, prior: AtlasPrior | None = None
                     ) -> dict[str, Any]:
@@ -795,12 +844,14 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
     manifest, subject_id
         The manifest (loaded or a path) and the brain.
     out_dir
-        Output directory: ``sections/<name>.zarr`` per section, ``model.pt`` and
-        ``segmentation.json`` (written last; an ``out_dir`` whose json matches is complete and is
-        returned at once).
+        Output directory: ``sections/<name>.zarr`` per section, ``model.pt`` (an ensemble:
+        ``model.pt``, ``model-2.pt``, ...) and ``segmentation.json`` (written last; an ``out_dir``
+        whose json matches is complete and is returned at once).
     init_checkpoint
         Checkpoint to fine-tune from (a cohort model: protocol ``"transfer"``; a pretrained one:
-        ``"finetune"``). Without it the brain is trained from scratch.
+        ``"finetune"``), or a list of cohort models (:attr:`StageSettings.cohort_models`): each is
+        fine-tuned alike (when the protocol fine-tunes) and the brain is mapped by the mean of their
+        scores (:class:`~.training.ModelEnsemble`). Without it the brain is trained from scratch.
     settings
         :class:`StageSettings`.
     device, threads, seed, progress
@@ -833,10 +884,12 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
     st = settings or StageSettings()
     out = Path(out_dir)
     sub = _subject(m, subject_id)
-    used = init_checkpoint is not None and st.protocol != "scratch"
-    if used and not Path(str(init_checkpoint)).is_file():
-        raise MissingFileError(Path(str(init_checkpoint)), "checkpoint")
-    inputs_key = _inputs_key(sub, init_checkpoint if used else None, seed)
+    inits = _checkpoint_list(init_checkpoint)
+    used = bool(inits) and st.protocol != "scratch"
+    for path in inits if used else []:
+        if not path.is_file():
+            raise MissingFileError(path, "checkpoint")
+    inputs_key = _inputs_key(sub, inits if used else None, seed)
     if prior is not None:
         if list(prior.classes) != sub.classes:
             raise InputError(f"the atlas prior was made for classes {prior.classes}, but subject "
@@ -860,60 +913,67 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
     t0 = time.perf_counter()
     protocol = st.protocol
     if protocol == "auto":
-        protocol = "transfer" if init_checkpoint is not None else "scratch"
-    if protocol in ("transfer", "finetune") and init_checkpoint is None:
+        protocol = "transfer" if inits else "scratch"
+    if protocol in ("transfer", "finetune") and not inits:
         raise InputError(f"protocol {protocol!r} needs init_checkpoint (a cohort or pretrained model)")
     if protocol == "scratch":
-        init_checkpoint = None
-    if init_checkpoint is not None:
-        init_path = Path(init_checkpoint)
-        if not init_path.is_file():
-            raise MissingFileError(init_path, "checkpoint")
+        inits = []
+    pretrained = False
+    meta: dict[str, Any] = {}
+    if inits:
         from .training import _read_checkpoint
 
-        meta = _read_checkpoint(init_path)["meta"]
-        if meta.get("kind") == "segmentation" and list(meta.get("classes", [])) != sub.classes:
-            raise InputError(f"{init_path}: the checkpoint was trained for classes {meta.get('classes')}, "
-                             f"but subject {sub.id}'s annotations define {sub.classes}")
-        pretrained = meta.get("kind") == "pretrained"
-        if meta.get("prior_bias") and prior is None:
-            log.warning("%s: the model learnt with an atlas prior added to its scores, but subject %s is "
-                        "mapped without one: expect poorer maps", init_path, sub.id)
-    else:
-        pretrained = False
+        for init_path in inits:
+            meta = _read_checkpoint(init_path)["meta"]
+            if meta.get("kind") == "segmentation" and list(meta.get("classes", [])) != sub.classes:
+                raise InputError(f"{init_path}: the checkpoint was trained for classes "
+                                 f"{meta.get('classes')}, but subject {sub.id}'s annotations define "
+                                 f"{sub.classes}")
+            pretrained = pretrained or meta.get("kind") == "pretrained"
+            if meta.get("prior_bias") and prior is None:
+                log.warning("%s: the model learnt with an atlas prior added to its scores, but subject "
+                            "%s is mapped without one: expect poorer maps", init_path, sub.id)
     images, labels, names = _training_inputs(sub, st)
     annotated = sorted(sub.annotations)
     iterations = (st.transfer_iterations if protocol == "transfer" else
-                  st.finetune_iterations if init_checkpoint is not None else st.scratch_iterations)
-    lr = st.finetune_lr if init_checkpoint is not None else st.scratch_lr
+                  st.finetune_iterations if inits else st.scratch_iterations)
+    lr = st.finetune_lr if inits else st.scratch_lr
     if pretrained and iterations == 0:
-        raise InputError(f"{init_checkpoint}: a pretrained checkpoint has no segmentation head yet: "
-                         "it needs fine-tuning steps (finetune_iterations > 0)")
+        raise InputError(f"{', '.join(map(str, inits))}: a pretrained checkpoint has no segmentation "
+                         "head yet: it needs fine-tuning steps (finetune_iterations > 0)")
     cfg = st.training_config(iterations, lr)
     before = None
-    if init_checkpoint is not None and iterations == 0:
-        model = load_checkpoint(init_checkpoint, classes=sub.classes, device=dev)
-        # as a fine-tuning would: the brain's own intensity statistics map it onto what the
-        # network has learnt to expect (brains differ in staining)
-        model.set_normalisation(*intensity_statistics(images))
+    models: list[SegmentationModel] = []
+    if inits and iterations == 0:
+        for init_path in inits:
+            member = load_checkpoint(init_path, classes=sub.classes, device=dev)
+            # as a fine-tuning would: the brain's own intensity statistics map it onto what the
+            # network has learnt to expect (brains differ in staining)
+            member.set_normalisation(*intensity_statistics(images))
+            models.append(member)
     else:
         # a pretrained checkpoint has no segmentation head: nothing to score before fine-tuning
-        if init_checkpoint is not None and not pretrained:
-            before = _annotated_dice(load_checkpoint(init_checkpoint, classes=sub.classes, device=dev),
+        if inits and not pretrained:
+            before = _annotated_dice(_ensemble([load_checkpoint(p, classes=sub.classes, device=dev)
+                                                for p in inits]),
                                      images, labels, annotated, sub, st, dev)
         # a checkpoint decides whether sections give their place along the series (a pretrained
         # one never takes it: its context branch is kept as it is); from scratch, the settings do
-        count = (int(meta.get("section_values", 0)) if init_checkpoint is not None
-                 else int(st.stack_position))
-        model, _ = train(images, labels, sub.mapping, classes=sub.classes, names=names, config=cfg,
-                         section_values=_section_values(sub, annotated, count),
-                         section_bias=prior.section_bias(annotated) if prior is not None else None,
-                         init=init_checkpoint, new_classes=False, seed=seed, device=dev,
-                         progress=progress)
+        count = int(meta.get("section_values", 0)) if inits else int(st.stack_position)
+        bias = prior.section_bias(annotated) if prior is not None else None
+        for init_path in inits or [None]:  # type: ignore[list-item]
+            member, _ = train(images, labels, sub.mapping, classes=sub.classes, names=names, config=cfg,
+                              section_values=_section_values(sub, annotated, count), section_bias=bias,
+                              init=init_path, new_classes=False, seed=seed, device=dev,
+                              progress=progress)
+            models.append(member)
+    model = _ensemble(models)
     t_train = time.perf_counter() - t0
     after = _annotated_dice(model, images, labels, annotated, sub, st, dev)
     out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model, out / "model.pt")
+    model_files = [f"model-{i}.pt" if i > 1 else "model.pt" for i in range(1, len(models) + 1)]
+    for member, name in zip(models, model_files, strict=True):
+        save_checkpoint(member, out / name)
 
     t1 = time.perf_counter()
     _drop_stale_predictions(out, st, inputs_key)
@@ -963,9 +1023,11 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
         "annotated_sections": "the expert labels are kept as the labels of annotated sections "
                               "(load_section_labels returns them); their predictions are stored too",
         "protocol": protocol,
-        "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint),
+        "init_checkpoint": (None if not inits else str(inits[0]) if len(inits) == 1
+                            else [str(p) for p in inits]),
         "prior": None if prior is None else prior.describe(),
-        "model": "model.pt",
+        "model": model_files[0],
+        "models": model_files,
         "settings": st.as_dict(),
         "inputs_key": inputs_key,
         "device": str(dev),
@@ -995,8 +1057,9 @@ def _mean_confidence(probs: Any) -> float:
     return total / max(count, 1) / 100.0
 
 
-def _annotated_dice(model: SegmentationModel, images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
-                    numbers: Sequence[int], sub: _Subject, st: StageSettings, dev: torch.device) -> float:
+def _annotated_dice(model: SegmentationModel | ModelEnsemble, images: Sequence[np.ndarray],
+                    labels: Sequence[np.ndarray], numbers: Sequence[int], sub: _Subject, st: StageSettings,
+                    dev: torch.device) -> float:
     """Mean Dice over areas of the model on the annotated sections (in memory), predicted as the
     sections are (the same window and test-time flips)."""
     from .prediction import SlidingWindow, predict_array
@@ -1188,17 +1251,22 @@ def segment(manifest_path: str | os.PathLike[str], output_dir: str | os.PathLike
     ids = [s.id for s in data.subjects] if not subjects else list(subjects)
     for sid in ids:
         data.subject(sid)  # unknown ids fail before any work
-    init = None
+    init: list[Path] | None = None
     if st.protocol in ("auto", "transfer"):
-        init = out / "cohort_model.pt"
-        # reused while every brain's annotations and the training settings are the same
-        sidecar = out / "cohort_model.json"
-        want = {"inputs_key": _cohort_key(data, st)}
-        if not init.is_file() or _json_or_none(sidecar) != want:
-            if init.is_file():
-                log.info("%s: annotations or settings changed since it was trained: retraining", init)
-            train_cohort_model(data, init, settings=st, device=device, progress=progress)
-            atomic_write_text(sidecar, json.dumps(want, indent=1))
+        # cohort_models models, from the seeds 0, 1, ..., one after the other
+        init = [out / ("cohort_model.pt" if i == 0 else f"cohort_model-{i + 1}.pt")
+                for i in range(st.cohort_models)]
+        for seed, ckpt in enumerate(init):
+            # reused while every brain's annotations and the training settings are the same
+            sidecar = ckpt.with_suffix(".json")
+            want = {"inputs_key": _cohort_key(data, st), "seed": seed}
+            if seed == 0:  # as written before there were several
+                want = {"inputs_key": want["inputs_key"]}
+            if not ckpt.is_file() or _json_or_none(sidecar) != want:
+                if ckpt.is_file():
+                    log.info("%s: annotations or settings changed since it was trained: retraining", ckpt)
+                train_cohort_model(data, ckpt, settings=st, device=device, seed=seed, progress=progress)
+                atomic_write_text(sidecar, json.dumps(want, indent=1))
     for sid in ids:
         segment_subject(data, sid, out / sid, init_checkpoint=init, settings=st, device=device,
                         progress=progress)
@@ -1210,7 +1278,8 @@ def _cohort_key(m: Manifest, st: StageSettings) -> str:
     settings that shape training (the prediction window and CPU threads do not)."""
     from ..execution import content_key
 
-    train = {k: v for k, v in _run_settings(st.as_dict()).items() if k not in ("tile", "prior_weight")}
+    train = {k: v for k, v in _run_settings(st.as_dict()).items()
+             if k not in ("tile", "prior_weight", "cohort_models")}
     return content_key(train, {s.id: _inputs_key(_subject(m, s.id), None, 0) for s in m.subjects})
 
 

@@ -56,6 +56,7 @@ from .prediction import SlidingWindow, predict_array, resolve_device
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "ModelEnsemble",
     "SegmentationModel",
     "TrainingConfig",
     "dice_scores",
@@ -262,6 +263,95 @@ class SegmentationModel(nn.Module):
             "patch_size": self.patch_size,
             "overlap": self.overlap,
         }
+
+
+class ModelEnsemble(nn.Module):
+    """Several models of one class set applied as one: the mean of their scores (logits).
+
+    Networks trained alike from different seeds err in different places; averaging their scores
+    (as flip test-time augmentation averages a network's scores over flipped inputs) keeps what
+    they agree on. The ensemble is a predictor like a :class:`SegmentationModel`: section values,
+    the section overview and the window origins go to every member, and each member normalises
+    the raw input with its own statistics.
+
+    Raises
+    ------
+    InputError
+        No members, or members with other classes, other section values or another context size
+        (the message names the member by its position).
+    """
+
+    def __init__(self, models: Sequence[SegmentationModel]) -> None:
+        super().__init__()
+        members = list(models)
+        if not members:
+            raise InputError("a model ensemble needs at least one model")
+        first = members[0]
+        for i, m in enumerate(members[1:], start=2):
+            for what, a, b in (("classes", m.classes, first.classes),
+                               ("section values", m.section_values, first.section_values),
+                               ("context size", m.context_size, first.context_size)):
+                if a != b:
+                    raise InputError(f"model {i} of the ensemble has {what} {a}, model 1 {b}: "
+                                     "an ensemble's models must be trained alike")
+        self.members = nn.ModuleList(members)
+        self.classes = list(first.classes)
+        self.patch_size = first.patch_size
+        self.overlap = first.overlap
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def _models(self) -> list[SegmentationModel]:
+        return [m for m in self.members if isinstance(m, SegmentationModel)]
+
+    @property
+    def context_size(self) -> int | None:
+        return self._models()[0].context_size
+
+    @property
+    def needs_origins(self) -> bool:
+        return self._models()[0].needs_origins
+
+    @property
+    def flips_keep_origins(self) -> bool:
+        return True
+
+    @property
+    def overview_size(self) -> int | None:
+        return self.context_size
+
+    @property
+    def section_values(self) -> int:
+        return self._models()[0].section_values
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The first member's metadata (the members share classes and inputs)."""
+        return self._models()[0].meta
+
+    def set_section_values(self, values: Sequence[float]) -> None:
+        for m in self._models():
+            m.set_section_values(values)
+
+    def set_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        for m in self._models():
+            m.set_normalisation(mean, std)
+
+    def prepare_section(self, overview: np.ndarray, factor: int, shape: tuple[int, int]) -> None:
+        for m in self._models():
+            m.prepare_section(overview, factor, shape)
+
+    def window(self, **overrides: Any) -> SlidingWindow:
+        return self._models()[0].window(**overrides)
+
+    def forward(self, x: torch.Tensor, origins: torch.Tensor | None = None) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        for m in self._models():
+            out = m(x, origins)
+            total = out if total is None else total + out
+        assert total is not None
+        return total / len(self.members)
 
 
 # --------------------------------------------------------------------------------------------------
