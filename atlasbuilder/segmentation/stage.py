@@ -1196,10 +1196,12 @@ def segment(manifest_path: str | os.PathLike[str], output_dir: str | os.PathLike
     """``atlasbuilder segment``: segment the brains of a manifest into ``output_dir/<subject>/``.
 
     A synthetic manifest is first generated (or taken from the cache), as the build does.
-    Protocol ``auto``/``transfer`` trains a cohort model on all brains' annotations
-    (``output_dir/cohort_model.pt``, reused while the annotations and training settings are
-    those it was trained on, see ``cohort_model.json``) and fine-tunes it per brain; a brain's
-    complete output is reused while its settings and inputs are unchanged.
+    Protocol ``auto``/``transfer`` trains ``cohort_models`` cohort models on all brains'
+    annotations, one after the other from the seeds 0, 1, ... (``output_dir/cohort_model.pt``,
+    ``cohort_model-2.pt``, ...; each reused while the annotations and training settings are those
+    it was trained on, see its ``.json``), which map every brain together (after a fine-tuning
+    per brain if ``transfer_iterations`` asks for one); a brain's complete output is reused while
+    its settings and inputs are unchanged.
 
     Parameters
     ----------
