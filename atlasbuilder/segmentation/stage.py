@@ -19,9 +19,11 @@ window marked), and, by default (``stack_position``), where the section lies alo
 series (0 at its first section number, 1 at its last): one number per section, given to the context
 branch only, which says which areas the section can show. On the demo (brains B01-B03, the build's
 protocol, one cohort model) it lifted the mean Dice from 0.594 to 0.615 (every brain gained; hOc5
-right 0.54 to 0.69). ``StageSettings(positions=True)`` adds three *position channels* besides the
-grey values: the in-plane coordinates relative to the tissue's bounding box (centre 0, edges ±1)
-and the section's place along the stack, as pixel channels of the U-Net's input. They are computed
+right 0.54 to 0.69); with the atlas prior, which also says where areas lie, it still pays: 0.679
+with it, 0.671 without (all 10 brains, one cohort model). ``StageSettings(positions=True)`` adds
+three *position channels* besides the grey values: the in-plane coordinates relative to the
+tissue's bounding box (centre 0, edges ±1) and the section's place along the stack, as pixel
+channels of the U-Net's input. They are computed
 the same way for training patches and for every prediction window (from the window origin), so
 prediction still streams sections of any size through :func:`~.prediction.predict_file`. They are
 off by default: with two annotated sections per brain the network used them to memorise where each
@@ -50,7 +52,8 @@ averages a network's scores). The build trains them at the same time on separate
 2-core demo machine the second core had nothing else to do while the cohort model trained, so the
 second model costs no training wall time, and each brain's prediction about twice as long. Default
 demo, weight-1 prior: 0.679 (seed 0) and 0.680 (seed 1) alone, 0.690 together (hOc2, hOc3v,
-hOc5 right gained most). Spending the idle core on one model instead did not pay: two torch
+hOc5 right gained most); a third model (seed + 2, 0.671 alone) added nothing (0.689 with all
+three). Spending the idle core on one model instead did not pay: two torch
 threads ran a training step only 1.3x faster, and the same compute spent differently scored no
 better (batch 4 for 5000 steps 0.681; 24 feature maps for 4000 steps 0.670; bfloat16 autocast,
 1.25x faster, for 3400 steps 0.643).
