@@ -7,7 +7,9 @@ against ``truth/subjects/<id>/sections/<name>.png``, mean over the areas present
 - ``pretrain``  (b): per brain, fine-tuned from a masked-inpainting model pretrained on the brain's
   unannotated sections (:func:`atlasbuilder.segmentation.pretrain`);
 - ``transfer``  (c): a cohort model trained on the annotated sections of the OTHER brains
-  (leave-one-out), fine-tuned on the brain's own annotations;
+  (leave-one-out), mapping the brain as it is (fine-tuned on the brain's own annotations only
+  with ``--set transfer_iterations=N``: by default the build does not, see
+  :mod:`atlasbuilder.segmentation.stage`);
 - ``build``        : the build's protocol (``auto``): ``cohort_models`` cohort models (seeds 0, 1,
   ...; trained one after the other here) on ALL brains' annotations, mapping each brain together
   (what ``atlasbuilder segment`` does; ``--set cohort_models=1`` for one). ``transfer`` and
