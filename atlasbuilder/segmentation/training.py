@@ -294,7 +294,8 @@ class ModelEnsemble(nn.Module):
                 if a != b:
                     raise InputError(f"model {i} of the ensemble has {what} {a}, model 1 {b}: "
                                      "an ensemble's models must be trained alike")
-        self.members = nn.ModuleList(members)
+        self.members = nn.ModuleList(members)  # registered: .to(), .eval() reach every member
+        self._members = members  # the same modules, typed
         self.classes = list(first.classes)
         self.patch_size = first.patch_size
         self.overlap = first.overlap
@@ -302,16 +303,13 @@ class ModelEnsemble(nn.Module):
     def __len__(self) -> int:
         return len(self.members)
 
-    def _models(self) -> list[SegmentationModel]:
-        return [m for m in self.members if isinstance(m, SegmentationModel)]
-
     @property
     def context_size(self) -> int | None:
-        return self._models()[0].context_size
+        return self._members[0].context_size
 
     @property
     def needs_origins(self) -> bool:
-        return self._models()[0].needs_origins
+        return self._members[0].needs_origins
 
     @property
     def flips_keep_origins(self) -> bool:
@@ -323,31 +321,26 @@ class ModelEnsemble(nn.Module):
 
     @property
     def section_values(self) -> int:
-        return self._models()[0].section_values
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        """The first member's metadata (the members share classes and inputs)."""
-        return self._models()[0].meta
+        return self._members[0].section_values
 
     def set_section_values(self, values: Sequence[float]) -> None:
-        for m in self._models():
+        for m in self._members:
             m.set_section_values(values)
 
     def set_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        for m in self._models():
+        for m in self._members:
             m.set_normalisation(mean, std)
 
     def prepare_section(self, overview: np.ndarray, factor: int, shape: tuple[int, int]) -> None:
-        for m in self._models():
+        for m in self._members:
             m.prepare_section(overview, factor, shape)
 
     def window(self, **overrides: Any) -> SlidingWindow:
-        return self._models()[0].window(**overrides)
+        return self._members[0].window(**overrides)
 
     def forward(self, x: torch.Tensor, origins: torch.Tensor | None = None) -> torch.Tensor:
         total: torch.Tensor | None = None
-        for m in self._models():
+        for m in self._members:
             out = m(x, origins)
             total = out if total is None else total + out
         assert total is not None
