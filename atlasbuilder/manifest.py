@@ -325,6 +325,9 @@ class SegmentationSettings(_Model):
     #: cohort models trained alike from the seeds seed, seed + 1, ... (the build trains them at
     #: the same time on separate workers); each brain is mapped by the mean of their scores
     cohort_models: Annotated[int, Field(ge=1, le=8)] = 2
+    #: an area a brain's annotations do not show, found by the network in less than this volume
+    #: of the brain (mm^3, the sections' own scale), is taken for noise (0: keep every area)
+    min_area_mm3: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 100.0
 
 
 class ReconstructionSettings(_Model):

@@ -486,11 +486,14 @@ def _segmentation(ctx: BuildContext) -> StageResult:
         # seed + 1, ...) and map each brain together (after a fine-tuning on the brain's own
         # sections if transfer_iterations asks for one)
         n_models = int(resolved["cohort_models"])
-        # the prediction window, the per-brain fine-tuning and how many models there are do not
-        # change a cohort model: not in its key (tta does: it trains with flips)
-        train_params = {**{k: v for k, v in seg_params.items() if k not in ("tile", "cohort_models")},
+        # the prediction window, the per-brain fine-tuning, how many models there are and which
+        # areas a brain drops do not change a cohort model: not in its key (tta does: it trains
+        # with flips)
+        train_params = {**{k: v for k, v in seg_params.items()
+                           if k not in ("tile", "cohort_models", "min_area_mm3")},
                         "resolved": {k: v for k, v in seg_params["resolved"].items()
-                                     if k not in ("tile", "transfer_iterations", "cohort_models")}}
+                                     if k not in ("tile", "transfer_iterations", "cohort_models",
+                                                  "min_area_mm3")}}
         cohort_prior: dict[str, Any] = {}
         prior_keys: list[Any] = []
         if priors:

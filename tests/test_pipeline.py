@@ -135,6 +135,10 @@ def test_quick_demo_build_runs_every_stage(quick_demo):
     assert [c["meta"]["stage"]["seed"] for c in cohorts] == [prov["parameters"]["seed"] + i for i in (0, 1)]
     seg = json.loads((quick_demo / "brains" / "B02" / "segmentation" / "segmentation.json").read_text())
     assert seg["init_checkpoint"] == [str(p) for p in models]
+    # areas found in less than min_area_mm3 of a brain and not in its annotations are dropped
+    assert seg["settings"]["min_area_mm3"] == 100.0
+    assert all(seg["area_volumes_mm3"][k] < 100.0 and k not in seg["annotated_areas"]
+               for k in seg["dropped_areas"])
     # the atlas answers: somewhere along the left calcarine sulcus hOc1 is the most probable area
     v1 = atlas.region_info("hOc1_left")
     top = atlas.query([v1["centroid_mm"]])[0]["regions"][0]
@@ -420,6 +424,31 @@ def test_a_changed_default_of_the_training_recipe_redoes_the_segmentation(small_
     assert units() and not any(units().values())
     info = json.loads((out / "brains" / "B01" / "segmentation" / "segmentation.json").read_text())
     assert info["settings"]["rotation_deg"] == 10.0
+
+
+@pytest.mark.slow
+def test_a_changed_min_area_reaches_the_brains(small_manifest, small_reference, tmp_path):
+    """stages.segmentation.min_area_mm3 from the manifest decides which areas each brain keeps:
+    a change redoes the brains' segmentation units (the cohort's keys do not hold it)."""
+    out = tmp_path / "atlas"
+    shutil.copytree(small_reference, out)
+    doc = yaml.safe_load(small_manifest.read_text())
+    doc["stages"]["segmentation"]["min_area_mm3"] = 1e12
+    manifest = small_manifest.parent / f"manifest-{tmp_path.name}.yaml"  # its paths are relative
+    manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
+    try:
+        build(manifest, out, quick=True, progress=False, workers=1, until="segmentation")
+    finally:
+        manifest.unlink()
+    prov = json.loads((out / "provenance.json").read_text())
+    assert not any(u["cached"] for u in prov["units"]["segmentation"])
+    for sid in ("B01", "B02"):
+        info = json.loads((out / "brains" / sid / "segmentation" / "segmentation.json").read_text())
+        areas = [c["key"] for c in info["classes"] if c["region_id"]]
+        assert info["settings"]["min_area_mm3"] == 1e12
+        assert info["annotated_areas"]
+        assert info["dropped_areas"] == [k for k in areas if k not in info["annotated_areas"]]
+        assert sorted(info["area_volumes_mm3"]) == sorted(areas)
 
 
 @pytest.mark.slow

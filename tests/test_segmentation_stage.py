@@ -641,3 +641,76 @@ def test_the_cohort_model_learns_with_each_brains_atlas_prior(cohort: Path, tmp_
         segment_subject(cohort, "B02", tmp_path / "B02", init_checkpoint=ck,
                         settings=replace(st, transfer_iterations=0), progress=False)
     assert "learnt with an atlas prior" in caplog.text and "subject B02" in caplog.text
+
+
+def test_min_area_drops_an_area_the_annotations_do_not_show(cohort: Path, cohort_models: list[Path],
+                                                            tmp_path: Path) -> None:
+    """``min_area_mm3``: an area a brain's annotations do not show, found in less than that volume
+    of the brain, is read as the next most probable class; the stored predictions stay."""
+    import shutil
+    from dataclasses import replace
+
+    from atlasbuilder.segmentation.prediction import open_prediction
+
+    root = tmp_path / "cohort"
+    shutil.copytree(cohort.parent, root)
+    for ann in (root / "annotations" / "B02").glob("*.png"):  # the expert did not mark hOc2 here
+        lab = iio.imread(ann)
+        lab[lab == 2] = 0
+        iio.imwrite(ann, lab)
+    out = tmp_path / "B02"
+    st = replace(TINY, transfer_iterations=0, min_area_mm3=0.0)
+    info = segment_subject(root / "manifest.yaml", "B02", out, init_checkpoint=cohort_models, settings=st,
+                           progress=False)
+    assert info["annotated_areas"] == ["hOc1_left"] and info["dropped_areas"] == []
+    # each area's volume: its predicted pixels on the non-annotated sections x 0.2 mm x 0.2 mm x
+    # the section spacing (10 x 20 um)
+    idx = {c["key"]: c["index"] for c in info["classes"]}
+    pixels = {k: 0 for k in ("hOc1_left", "hOc2_left")}
+    for rec in info["sections"]:
+        if not rec["annotated"]:
+            labels, _, _ = open_prediction(out / rec["prediction"])
+            for k in pixels:
+                pixels[k] += int((np.asarray(labels[...]) == idx[k]).sum())
+    assert info["area_volumes_mm3"] == {k: pytest.approx(v * 0.2 * 0.2 * 0.2) for k, v in pixels.items()}
+    v2 = info["area_volumes_mm3"]["hOc2_left"]
+    assert v2 > 0  # the cohort models learnt hOc2 from B01 and the original B02
+    before = {n: lab.copy() for n, lab in load_section_labels(out).items()}
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "segmentation.json"}
+
+    # below the threshold: the readers drop it; only segmentation.json is rewritten
+    kept = segment_subject(root / "manifest.yaml", "B02", out, init_checkpoint=cohort_models,
+                           settings=replace(st, min_area_mm3=v2 * 0.9), progress=False)
+    assert kept["dropped_areas"] == []
+    dropped = segment_subject(root / "manifest.yaml", "B02", out, init_checkpoint=cohort_models,
+                              settings=replace(st, min_area_mm3=v2 * 1.1), progress=False)
+    assert dropped["dropped_areas"] == ["hOc2_left"]
+    assert json.loads((out / "segmentation.json").read_text()) == dropped
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+    tree = load_manifest(root / "manifest.yaml").load_hierarchy()
+    id1, id2 = tree.get("hOc1_left").id, tree.get("hOc2_left").id
+    after = load_section_labels(out)
+    keys, maps = load_area_probabilities(out)
+    for rec in dropped["sections"]:
+        n = rec["number"]
+        probs = load_section_probabilities(out, n)[1]
+        assert not probs[idx["hOc2_left"]].any() and not maps[n][keys.index("hOc2_left")].any()
+        if rec["annotated"]:
+            assert np.array_equal(after[n], before[n])
+            continue
+        assert not (after[n] == id2).any()
+        was = before[n] == id2
+        # elsewhere unchanged; where hOc2 was, the more probable of background and hOc1
+        assert np.array_equal(after[n][~was], before[n][~was])
+        _, raw, _ = open_prediction(out / rec["prediction"])
+        raw = np.asarray(raw[...])
+        want = np.where(raw[idx["hOc1_left"]] > raw[0], id1, 0)
+        assert np.array_equal(after[n][was], want[was])
+        assert raw[idx["hOc2_left"]][was].any()  # the store still holds the network's output
+    # an area the annotations show is never dropped
+    big = segment_subject(root / "manifest.yaml", "B02", out, init_checkpoint=cohort_models,
+                          settings=replace(st, min_area_mm3=1e12), progress=False)
+    assert big["dropped_areas"] == ["hOc2_left"]
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(InputError, match="min_area_mm3 must be a number >= 0"):
+            StageSettings(min_area_mm3=bad)
