@@ -707,6 +707,17 @@ def test_min_area_drops_an_area_the_annotations_do_not_show(cohort: Path, cohort
         want = np.where(raw[idx["hOc1_left"]] > raw[0], id1, 0)
         assert np.array_equal(after[n][was], want[was])
         assert raw[idx["hOc2_left"]][was].any()  # the store still holds the network's output
+    # a segmentation.json written before the pixel counts were recorded: counted from the stores
+    old = json.loads((out / "segmentation.json").read_text())
+    for rec in old["sections"]:
+        rec.pop("class_pixels", None)
+    old.pop("dropped_areas")
+    (out / "segmentation.json").write_text(json.dumps(old))
+    again = segment_subject(root / "manifest.yaml", "B02", out, init_checkpoint=cohort_models,
+                            settings=replace(st, min_area_mm3=v2 * 1.1), progress=False)
+    assert again["area_volumes_mm3"] == dropped["area_volumes_mm3"]
+    assert again["dropped_areas"] == ["hOc2_left"]
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
     # an area the annotations show is never dropped
     big = segment_subject(root / "manifest.yaml", "B02", out, init_checkpoint=cohort_models,
                           settings=replace(st, min_area_mm3=1e12), progress=False)
