@@ -1078,7 +1078,7 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
         },
         "sections": records,
     }
-    return _with_min_area(out, info, sub, st)
+    return _with_min_area(out, info, sub, st, labels)
 
 
 def _class_pixels(store: Path, n_classes: int) -> list[int]:
@@ -1094,20 +1094,24 @@ def _class_pixels(store: Path, n_classes: int) -> list[int]:
     return [int(c) for c in counts]
 
 
-def _annotated_areas(sub: _Subject) -> list[str]:
-    """The classes the brain's annotations show (in class order)."""
+def _annotated_areas(sub: _Subject, labels: Sequence[np.ndarray] | None = None) -> list[str]:
+    """The classes the brain's annotations show (in class order); ``labels``: the annotation
+    images already read (else they are read here)."""
     shown: set[str] = set()
-    for path in sub.annotations.values():
-        for v in np.unique(_read_labels(path)).tolist():
+    arrays = labels if labels is not None else (_read_labels(p) for p in sub.annotations.values())
+    for ann in arrays:
+        for v in np.unique(ann).tolist():
             key = sub.mapping.get(int(v))
             if key is not None:
                 shown.add(key)
     return [c for c in sub.classes if c in shown and c != BACKGROUND]
 
 
-def _with_min_area(out: Path, info: dict[str, Any], sub: _Subject, st: StageSettings) -> dict[str, Any]:
+def _with_min_area(out: Path, info: dict[str, Any], sub: _Subject, st: StageSettings,
+                   labels: Sequence[np.ndarray] | None = None) -> dict[str, Any]:
     """``info`` with the areas' volumes and the areas ``st.min_area_mm3`` drops (see
-    :class:`StageSettings`), written to ``out/segmentation.json`` (atomically) when they change."""
+    :class:`StageSettings`), written to ``out/segmentation.json`` (atomically) when they change;
+    ``labels``: the brain's annotation images if already read."""
     threshold = float(st.min_area_mm3)
     if (info.get("settings", {}).get("min_area_mm3") == threshold and "dropped_areas" in info
             and (out / "segmentation.json").is_file()):
@@ -1119,7 +1123,7 @@ def _with_min_area(out: Path, info: dict[str, Any], sub: _Subject, st: StageSett
         if "class_pixels" not in rec:  # made before the volumes were recorded
             rec["class_pixels"] = _class_pixels(out / rec["prediction"], len(counts))
         counts += np.asarray(rec["class_pixels"], np.int64)
-    shown = _annotated_areas(sub)
+    shown = _annotated_areas(sub, labels)
     volumes = {c["key"]: round(float(counts[c["index"]]) * sub.pixel_mm3, 3)
                for c in info["classes"] if c["key"] != BACKGROUND}
     dropped = [k for k, v in volumes.items() if k not in shown and v < threshold]
