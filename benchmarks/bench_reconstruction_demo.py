@@ -115,7 +115,8 @@ def run_brain(cohort: Path, sid: str, out: Path, args: argparse.Namespace) -> di
     t0 = time.perf_counter()
     # the same images: reuse the alignment (the labels do not change it)
     rec2 = reconstruct(files, out / f"{sid}-half", labels={n: labels[n] for n in kept},
-                       alignment_from=out / f"{sid}-all", guide_labels=not args.no_guide, **common)
+                       alignment_from=out / f"{sid}-all", guide_labels=not args.no_guide,
+                       label_transfer=args.transfer, **common)
     t_half = time.perf_counter() - t0
     import nibabel as nib
 
@@ -176,6 +177,9 @@ def main() -> None:
     ap.add_argument("--affine", action="store_true")
     ap.add_argument("--no-mi", action="store_true")
     ap.add_argument("--no-guide", action="store_true", help="pure shape-based label interpolation")
+    ap.add_argument("--transfer", choices=("shape", "register"), default="shape",
+                    help="labels of left-out sections: the neighbours' shapes, or their labels warped "
+                         "onto the section's image")
     ap.add_argument("--voxel", type=float, default=0.5)
     ap.add_argument("--out", type=Path, default=Path("/tmp/recon-bench"))
     args = ap.parse_args()
