@@ -47,6 +47,34 @@ def test_the_prior_is_the_atlas_at_each_pixel(tmp_path: Path) -> None:
     assert zero.section_grid(1) is None
 
 
+def test_section_grids_of_many_sections_are_each_sections_grid(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The brain's sections go through the transforms together (in batches of at most
+    ``_BATCH_POINTS`` points, a section never split): the same grids as one section at a time."""
+    import atlasbuilder.segmentation.prior as prior_mod
+
+    atlas = two_area_atlas(tmp_path)
+    places = {n: SectionPlacement(n, 0.5 * n - 2.0, np.array([[0.0, 0.2, 0.3 * n], [-0.2, 0.0, -n / 7]]),
+                                  "ok", shape=(30 + 3 * n, 61 - 2 * n)) for n in range(1, 8)}
+    places[4] = SectionPlacement(4, 0.0, None, "missing")
+    prior = AtlasPrior(atlas, CLASSES, places, TransformGraph(), SPACE, pixel_mm=0.2, weight=0.7)
+    one = {n: prior.section_grid(n) for n in [*places, 99]}
+    assert one[4] is None and one[99] is None
+    for batch in (2_000_000, 100, 1):  # all in one lookup; a few sections per lookup; one each
+        monkeypatch.setattr(prior_mod, "_BATCH_POINTS", batch)
+        many = prior.section_grids([7, 99, 1, 4, 2, 3, 5, 6])
+        assert list(many) == [7, 99, 1, 4, 2, 3, 5, 6]
+        for n, g in one.items():
+            if g is None:
+                assert many[n] is None
+            else:
+                m = many[n]
+                assert m is not None and m.shape == g.shape and np.array_equal(m, g), (batch, n)
+    bias = prior.section_bias([3, 4])
+    assert bias[1] is None and bias[0] is not None and np.array_equal(bias[0][0], one[3])
+    assert bias[0][1] == prior.step_px
+
+
 def test_an_area_the_atlas_lacks_gets_the_background_prior(tmp_path: Path,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     atlas = two_area_atlas(tmp_path)

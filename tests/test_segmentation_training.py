@@ -19,6 +19,7 @@ from atlasbuilder.segmentation.data import (
     augment,
     check_sections,
     context_input,
+    grid_window,
     overview_canvas,
 )
 from atlasbuilder.segmentation.networks import UNet
@@ -161,6 +162,34 @@ def test_augmentation_keeps_image_and_labels_aligned_and_is_seeded():
     b = augment(x, y, ctx, full, torch.Generator().manual_seed(3))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], augment(x, y, ctx, full, torch.Generator().manual_seed(4))[0])
+
+
+def test_grid_window_is_the_bilinear_value_at_each_pixel():
+    """Against the definition, pixel by pixel: grid point (i, j) at pixel (i s + (s-1)/2, j s +
+    (s-1)/2), bilinear between points, edge values beyond; windows inside, across and beyond the
+    grid, odd sizes, one-point grids."""
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        hc, wc = (int(v) for v in rng.integers(1, 9, 2))
+        step = int(rng.integers(1, 6))
+        grid = torch.from_numpy(rng.normal(size=(2, hc, wc)).astype(np.float32))
+        r0, c0 = (int(v) for v in rng.integers(-12, hc * step + 12, 2))
+        h, w = (int(v) for v in rng.integers(1, 14, 2))
+        got = grid_window(grid, step, r0, c0, h, w)
+        assert got.shape == (2, h, w)
+        g = grid.numpy().astype(np.float64)
+        for r in range(h):
+            u = min(max((r0 + r - (step - 1) / 2) / step, 0), hc - 1)
+            i = min(int(u), hc - 1)
+            fi = u - i
+            for c in range(w):
+                v = min(max((c0 + c - (step - 1) / 2) / step, 0), wc - 1)
+                j = min(int(v), wc - 1)
+                fj = v - j
+                i1, j1 = min(i + 1, hc - 1), min(j + 1, wc - 1)
+                want = ((1 - fi) * ((1 - fj) * g[:, i, j] + fj * g[:, i, j1])
+                        + fi * ((1 - fj) * g[:, i1, j] + fj * g[:, i1, j1]))
+                np.testing.assert_allclose(got[:, r, c].numpy(), want, atol=1e-5)
 
 
 def test_context_input_marks_the_window():

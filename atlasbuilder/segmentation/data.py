@@ -198,19 +198,29 @@ def context_input(canvas: torch.Tensor, factor: int, origins: torch.Tensor,
 def grid_window(grid: torch.Tensor, step: int, r0: int, c0: int, h: int, w: int) -> torch.Tensor:
     """Bilinear values of ``grid`` ``(K, Hc, Wc)`` at the pixels of the window ``[r0:r0+h, c0:c0+w]``
     of a section whose pixel ``(i * step + (step - 1) / 2, j * step + (step - 1) / 2)`` is grid
-    point ``(i, j)``; beyond the grid's first and last points the edge values hold."""
+    point ``(i, j)``; beyond the grid's first and last points the edge values hold.
 
-    def axis(start: int, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    Separable: the grid points the window touches, weighted along rows then columns by two small
+    interpolation matrices (two matrix products: a training step and a section's windows ask for
+    thousands of these).
+    """
+
+    def axis(start: int, n: int, size: int) -> tuple[torch.Tensor, int, int]:
         u = (torch.arange(start, start + n, dtype=torch.float32, device=grid.device) - (step - 1) / 2) / step
         u = u.clamp(0, size - 1)
         i0 = u.floor().long()
         i1 = (i0 + 1).clamp(max=size - 1)
-        return i0, i1, (u - i0.float())
+        f = u - i0.float()
+        lo, hi = int(i0[0]), int(i1[-1]) + 1  # u rises with the pixel: the grid points used
+        m = torch.zeros(n, hi - lo, dtype=grid.dtype, device=grid.device)
+        at = torch.arange(n, device=grid.device)
+        m.index_put_((at, i0 - lo), (1 - f).to(grid.dtype), accumulate=True)
+        m.index_put_((at, i1 - lo), f.to(grid.dtype), accumulate=True)
+        return m, lo, hi
 
-    i0, i1, wr = axis(r0, h, grid.shape[1])
-    j0, j1, wc = axis(c0, w, grid.shape[2])
-    rows = grid[:, i0] * (1 - wr)[None, :, None] + grid[:, i1] * wr[None, :, None]
-    return rows[:, :, j0] * (1 - wc)[None, None, :] + rows[:, :, j1] * wc[None, None, :]
+    mr, r_lo, r_hi = axis(r0, h, grid.shape[1])
+    mc, c_lo, c_hi = axis(c0, w, grid.shape[2])
+    return mr @ grid[:, r_lo:r_hi, c_lo:c_hi] @ mc.T
 
 
 # --------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from .data import (
 )
 from .networks import UNet, input_multiple
 from .prediction import resolve_device
-from .training import SegmentationModel, _normalisation
+from .training import SegmentationModel, _adamw, _normalisation
 
 __all__ = ["PretrainingConfig", "pretrain"]
 
@@ -135,7 +135,7 @@ def pretrain(images: Sequence[np.ndarray], *, names: Sequence[str] | None = None
                 ov = (block_mean(sec.image, f) - np.reshape(mean, (-1, 1, 1))) / np.reshape(std, (-1, 1, 1))
                 canvases.append(torch.from_numpy(overview_canvas(ov.astype(np.float32), cfg.context_size)))
                 factors.append(f)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        opt = _adamw(model.parameters(), cfg.learning_rate, cfg.weight_decay)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate,
                                                     total_steps=cfg.max_iterations, pct_start=0.15)
         start, losses = time.perf_counter(), []

@@ -58,8 +58,14 @@ threads ran a training step only 1.3x faster, and the same compute spent differe
 better (batch 4 for 5000 steps 0.681; 24 feature maps for 4000 steps 0.670; bfloat16 autocast,
 1.25x faster, for 3400 steps 0.643). Training the two models for 4000 steps instead of 2500
 reached 0.709, for 3.7 more minutes of the build: beyond the demo's 20-minute budget from a fresh
-machine, so not the default. Left and right of an area sharing their scores (one output per area
-and one per hemisphere, added: homologous areas look alike) gave 0.694.
+machine. 3000 steps (the default since a fused optimiser step and a faster prior window made a
+step 11 % cheaper: 0.107 instead of 0.120 s on one idle core) reached 0.711 with
+``min_area_mm3`` against 0.705 at 2500 (seeds 0 and 1 alone: 0.707 and 0.696, against 0.686 for
+seed 0 at 2500), for about the training time 2500 steps took before. Neither a larger learning
+rate (2e-2: 0.681 for seed 0) nor larger patches with fewer of them (192 px x 4: 0.703 and 0.686
+for seeds 0 and 1, 0.704 together; 256 px x 2: 0.691) helped; seed-to-seed spread of one model
+is about 0.015. Left and right of an area sharing their scores (one output per area and one per
+hemisphere, added: homologous areas look alike) gave 0.694.
 
 An area that a brain's annotations do not show and that the network finds in less than
 ``min_area_mm3`` (100 mm^3) of the whole brain is taken for noise (:class:`StageSettings`). Where
@@ -81,8 +87,9 @@ with 8 maps 0.351, with 32 maps 0.425 (the default; about 1.5x the training and 
 of 8 maps); block means with 8 maps reached 0.345 on the cohort's previous truth. With 8 maps the
 network did not even fit its own training sections (Dice 0.60-0.71 on them). A manifest sets the
 width with ``stages.segmentation.width``; quick builds cap it at 16 (``manifest.QUICK_WIDTH``)
-and train for 16 epochs (``manifest.QUICK_EPOCHS``: 1000 cohort steps), 0.25 on the quick
-cohort; with 8 maps and 3 epochs (188 steps) the network had predicted background everywhere.
+and train for 16 epochs (``manifest.QUICK_EPOCHS``: 16/40 of the cohort steps, 1000 then), 0.25
+on the quick cohort; with 8 maps and 3 epochs (188 steps) the network had predicted background
+everywhere.
 
 Training patches are rotated (within ±30 degrees), zoomed (±20 %) and elastically displaced (4 px)
 by default (``rotation_deg``, ``scale``, ``elastic_px``). Without it the network memorised its
@@ -162,6 +169,7 @@ BACKGROUND = "background"
 FRAME_SIZE = 256  # overview edge (px) the tissue frame is measured on
 PROTOCOLS = ("auto", "transfer", "finetune", "scratch")
 MAX_COHORT_MODELS = 8
+_PRIOR_CHUNK = 64  # sections whose prior grids are computed together (one transform lookup)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,7 +271,7 @@ class StageSettings:
     """
 
     protocol: str = "auto"
-    cohort_iterations: int = 2500
+    cohort_iterations: int = 3000
     finetune_iterations: int = 100
     scratch_iterations: int = 600
     transfer_iterations: int = 0
@@ -1016,6 +1024,7 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
     window = SlidingWindow(roi_size=st.window_size, overlap=st.overlap, batch_size=st.predict_batch)
     records = []
     numbers = sorted(sub.sections)
+    grids: dict[int, np.ndarray | None] = {}  # the prior's grids of the next sections, a chunk at a time
     it: Any = numbers
     if progress:
         from tqdm.auto import tqdm
@@ -1030,7 +1039,10 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
             predictor = _positioned_predictor(model, _frame_of_file(path), sub.positions[n])
         grid = None
         if prior is not None:
-            grid = prior.section_grid(n)
+            if n not in grids:
+                at = numbers.index(n)
+                grids = prior.section_grids(numbers[at:at + _PRIOR_CHUNK])
+            grid = grids[n]
             predictor = prior_predictor(predictor, grid, prior.step_px)
         store = predict_file(path, out / "sections", predictor, classes=sub.classes, window=window,
                              device=dev, tta=st.tta)

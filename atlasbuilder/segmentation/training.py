@@ -463,6 +463,17 @@ def dice_scores(pred: np.ndarray, target: np.ndarray, n_classes: int) -> dict[in
     return out
 
 
+def _adamw(params: Any, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW, fused where this torch supports it for the parameters' device (one kernel for all
+    parameters: a step of the default U-Net's optimiser on one CPU thread 2 ms instead of 9-12 ms,
+    ``/tmp`` micro-benchmark, about 5 % of a training step); else the per-tensor implementation."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # older torch: no fused kernel for this device
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def _soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     valid = (target != IGNORE).unsqueeze(1)
     prob = torch.softmax(logits, 1) * valid
@@ -707,7 +718,7 @@ def _fit(model: SegmentationModel, train_secs: list[TrainingSection], val_secs: 
     aug = cfg.augmentation
     if use_bias:
         aug = replace(aug, intensity_channels=min(aug.intensity_channels or channels, channels))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    opt = _adamw(model.parameters(), cfg.learning_rate, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=cfg.max_iterations,
                                                 pct_start=0.15)
     history: list[dict[str, Any]] = []
