@@ -87,8 +87,8 @@ FORMAT_VERSION = 1
 """The manifest format this module reads (``format_version`` in the file)."""
 
 QUICK_EPOCHS = 16
-"""Training epochs at most in quick mode (:meth:`Manifest.quick`): 1200 cohort steps (16/40 of
-the default 3000; and 40 per brain where a protocol fine-tunes). With 3 (188 cohort steps) the
+"""Training epochs at most in quick mode (:meth:`Manifest.quick`): 1000 cohort steps (16/40 of
+the default 2500; and 40 per brain where a protocol fine-tunes). With 3 (188 cohort steps) the
 network predicted background everywhere outside the annotated sections (mean Dice 0.000 on the
 quick demo cohort) and the quick atlas's areas were 96 % too small; 16 epochs of a 16-map network
 reached 0.25 there (0.20 at 12 epochs; 2500 steps and 32 maps: 0.40), all on the earlier demo

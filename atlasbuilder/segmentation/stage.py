@@ -58,14 +58,15 @@ threads ran a training step only 1.3x faster, and the same compute spent differe
 better (batch 4 for 5000 steps 0.681; 24 feature maps for 4000 steps 0.670; bfloat16 autocast,
 1.25x faster, for 3400 steps 0.643). Training the two models for 4000 steps instead of 2500
 reached 0.709, for 3.7 more minutes of the build: beyond the demo's 20-minute budget from a fresh
-machine. 3000 steps (the default since a fused optimiser step and a faster prior window made a
-step 11 % cheaper: 0.107 instead of 0.120 s on one idle core) reached 0.711 with
-``min_area_mm3`` against 0.705 at 2500 (seeds 0 and 1 alone: 0.707 and 0.696, against 0.686 for
-seed 0 at 2500), for about the training time 2500 steps took before. Neither a larger learning
-rate (2e-2: 0.681 for seed 0) nor larger patches with fewer of them (192 px x 4: 0.703 and 0.686
-for seeds 0 and 1, 0.704 together; 256 px x 2: 0.691) helped; seed-to-seed spread of one model
-is about 0.015. Left and right of an area sharing their scores (one output per area and one per
-hemisphere, added: homologous areas look alike) gave 0.694.
+machine. A step is 11 % cheaper since the optimiser step is fused and the prior's window is
+two small matrix products (0.107 instead of 0.120 s on one idle core); 3000 steps in about the
+training time 2500 took before reached 0.711 with ``min_area_mm3`` in one experiment (seeds 0
+and 1 alone: 0.707 and 0.696, against 0.686 for seed 0 at 2500) but 0.703 in a full build
+(numerically different optimiser, same seeds), against 0.705: within the spread, so 2500 stays.
+Neither a larger learning rate (2e-2: 0.681 for seed 0) nor larger patches with fewer of them
+(192 px x 4: 0.703 and 0.686 for seeds 0 and 1, 0.704 together; 256 px x 2: 0.691) helped; the
+seed-to-seed spread of one model is about 0.015. Left and right of an area sharing their scores
+(one output per area and one per hemisphere, added: homologous areas look alike) gave 0.694.
 
 An area that a brain's annotations do not show and that the network finds in less than
 ``min_area_mm3`` (100 mm^3) of the whole brain is taken for noise (:class:`StageSettings`). Where
@@ -271,7 +272,7 @@ class StageSettings:
     """
 
     protocol: str = "auto"
-    cohort_iterations: int = 3000
+    cohort_iterations: int = 2500
     finetune_iterations: int = 100
     scratch_iterations: int = 600
     transfer_iterations: int = 0
