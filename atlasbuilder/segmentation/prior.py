@@ -200,7 +200,7 @@ class AtlasPrior:
     def section_grids(self, numbers: Sequence[int]) -> dict[int, np.ndarray | None]:
         """:meth:`section_grid` of each section, the same values, but the points of many sections
         go through the transforms together (each lookup reads the transform files again: one per
-        section cost a brain of 35 sections 4.5 s, one for all 0.2 s)."""
+        section cost a brain of 35 sections 4.5 s, one for all about 0.5 s)."""
         from scipy import ndimage
 
         out: dict[int, np.ndarray | None] = {int(n): None for n in numbers}  # in the order asked
