@@ -74,6 +74,12 @@ class Unit:
     # Dask priority among the units of one run (higher first); units submitted within 100 ms of
     # each other (one run) otherwise start in an order of Dask's choosing
     priority: int = 0
+    # long units of one run that must run side by side (the cohort models): each is sent to its
+    # own worker, in turn (a preference: another worker takes it if that one is lost). Without
+    # it Dask may queue them all on the worker that made their inputs while the other finishes
+    # a unit started ahead and then idles: the quick demo's two cohort models once ran one
+    # after the other (+80 s).
+    spread: bool = False
 
 
 @dataclass
@@ -384,12 +390,14 @@ class Executor:
                 "directory": str(u.directory) if u.directory is not None else None}
 
     def _submit(self, client: Any, u: Unit, cache: UnitCache, priority: int = 0,
-                before: Sequence[Any] = ()) -> Any:
+                before: Sequence[Any] = (), worker: str | None = None) -> Any:
         spec = self._spec(u, cache)
         spec["kwargs"] = {**spec["kwargs"], **({"progress": False} if "progress" in spec["kwargs"]
                                                else {})}
+        # a preferred worker, not a requirement: the unit still runs if that worker is lost
+        where = {} if worker is None else {"workers": [worker], "allow_other_workers": True}
         return client.submit(run_unit_after, spec, *before, key=f"{u.stage}-{u.name}-{u.key[:12]}",
-                             pure=False, resources=u.resources, priority=priority)
+                             pure=False, resources=u.resources, priority=priority, **where)
 
     def _execute(self, todo: list[tuple[int, Unit]], cache: UnitCache
                  ) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -402,13 +410,19 @@ class Executor:
         client = self._ensure_client()
         futures = {}
         by_name: dict[str, Any] = {}
+        workers = sorted(client.scheduler_info().get("workers", {})) if any(u.spread for _, u in todo) else []
+        spread = 0
         for i, u in todo:
             fut = self._ahead.pop(self._ahead_key(u), None)
             if fut is None:
+                worker = None
+                if u.spread and workers:
+                    worker = workers[spread % len(workers)]
+                    spread += 1
                 # queued at once, waiting on Dask for the units it needs: a worker freed by one of
                 # them takes it before any unit started ahead of its stage
                 fut = self._submit(client, u, cache, priority=u.priority,
-                                   before=[by_name[n] for n in u.after if n in by_name])
+                                   before=[by_name[n] for n in u.after if n in by_name], worker=worker)
             futures[fut] = i
             by_name[u.name] = fut
         try:

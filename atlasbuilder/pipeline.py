@@ -514,7 +514,7 @@ def _segmentation(ctx: BuildContext) -> StageResult:
                               {**base, "out_path": str(ckpt), "device": device, "seed": seed,
                                "threads": threads, "progress": ctx.progress, **cohort_prior},
                               key, directory=ckpt.parent, resources=resources, priority=10,
-                              after=tuple(u.name for u in prep) if priors else ()))
+                              after=tuple(u.name for u in prep) if priors else (), spread=True))
             init.append(str(ckpt))
             member_keys.append(key)
         init_key = member_keys[0] if n_models == 1 else content_key(*member_keys)

@@ -185,6 +185,36 @@ def test_units_started_ahead_are_collected_not_rerun_and_after_is_respected(tmp_
     assert log.index("end-first") < log.index("start-third")
 
 
+def toy_timed(name: str, seconds: float) -> dict:
+    """A unit that sleeps and says where and when it ran."""
+    import time
+
+    t0 = time.time()
+    time.sleep(seconds)
+    return {"name": name, "pid": os.getpid(), "t0": t0, "t1": time.time()}
+
+
+def _timed(name: str, seconds: float, after: tuple[str, ...] = (), spread: bool = False) -> Unit:
+    return Unit("toy", name, "tests.test_execution:toy_timed", {"name": name, "seconds": seconds},
+                content_key("timed", name, seconds), after=after, spread=spread)
+
+
+@pytest.mark.slow
+def test_spread_units_run_side_by_side_on_their_own_workers(tmp_path):
+    """Two long units that become ready together while the other worker finishes a unit started
+    ahead (the cohort models while a template registration runs): each goes to its own worker, so
+    they overlap. Without ``spread`` Dask queued both on the worker that made their input, and
+    the second started only when the first had ended (same pid, twice in two tries)."""
+    cache = UnitCache(tmp_path)
+    with Executor(2, progress=False) as ex:
+        assert ex.start_ahead([_timed("ahead", 3.0)], cache) == 1
+        res = ex.run("toy", [_timed("first", 0.3), _timed("long-a", 3.0, ("first",), True),
+                             _timed("long-b", 3.0, ("first",), True)], cache)
+    a, b = res[1].result, res[2].result
+    assert a["pid"] != b["pid"]
+    assert max(a["t0"], b["t0"]) < min(a["t1"], b["t1"])  # they ran at the same time
+
+
 @pytest.mark.slow
 def test_a_unit_waiting_on_a_failed_one_is_not_run(tmp_path):
     cache = UnitCache(tmp_path)
