@@ -566,6 +566,7 @@ def test_an_atlas_prior_reaches_every_sections_prediction(cohort: Path, cohort_m
     from conftest import section_placement, two_area_atlas
 
     from atlasbuilder.registration import TransformGraph
+    from atlasbuilder.segmentation.prediction import open_prediction
     from atlasbuilder.segmentation.prior import AtlasPrior
 
     st = replace(TINY, transfer_iterations=0, prior_weight=5.0)
@@ -588,6 +589,21 @@ def test_an_atlas_prior_reaches_every_sections_prediction(cohort: Path, cohort_m
         # where the atlas has 0 for an area, it is not called that area
         assert not (pred[:, :29] == 1).any() and not (pred[:, 31:] == 2).any(), n
         assert (pred[truth > 0] > 0).mean() > 0.5, n
+    # the Dice reported on the annotated sections is that of their stored predictions, which have
+    # the prior in them (it was once scored without: the network alone, which the prior overrules)
+    dice: dict[int, list[float]] = {}
+    for rec in info["sections"]:
+        if rec["annotated"]:
+            got = np.asarray(open_prediction(tmp_path / "with" / rec["prediction"])[0])
+            ann = labels[rec["number"]]  # the expert labels, as region ids
+            ids = [c["region_id"] for c in info["classes"]]
+            for c in (1, 2):
+                p, t = got == c, ann == ids[c]
+                if t.any():
+                    dice.setdefault(c, []).append(2 * float((p & t).sum()) / float(p.sum() + t.sum()))
+    assert info["dice_annotated"]["after_training"] == pytest.approx(
+        float(np.mean([np.mean(v) for v in dice.values()])), abs=1e-9)
+    assert info["dice_annotated"]["after_training"] < 0.5  # the prior says the opposite
     # wrong classes, a weight other than the settings', a section that is not the placed one
     with pytest.raises(InputError, match="classes"):
         segment_subject(cohort, "B01", tmp_path / "c", init_checkpoint=cohort_model, settings=st,

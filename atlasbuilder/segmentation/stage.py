@@ -1001,7 +1001,7 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
         if inits and not pretrained:
             before = _annotated_dice(_ensemble([load_checkpoint(p, classes=sub.classes, device=dev)
                                                 for p in inits]),
-                                     images, labels, annotated, sub, st, dev)
+                                     images, labels, annotated, sub, st, dev, prior=prior)
         # a checkpoint decides whether sections give their place along the series (a pretrained
         # one never takes it: its context branch is kept as it is); from scratch, the settings do
         count = int(meta.get("section_values", 0)) if inits else int(st.stack_position)
@@ -1014,7 +1014,7 @@ def segment_subject(manifest: Manifest | str | os.PathLike[str], subject_id: str
             models.append(member)
     model = _ensemble(models)
     t_train = time.perf_counter() - t0
-    after = _annotated_dice(model, images, labels, annotated, sub, st, dev)
+    after = _annotated_dice(model, images, labels, annotated, sub, st, dev, prior=prior)
     out.mkdir(parents=True, exist_ok=True)
     model_files = [f"model-{i}.pt" if i > 1 else "model.pt" for i in range(1, len(models) + 1)]
     for member, name in zip(models, model_files, strict=True):
@@ -1185,13 +1185,15 @@ def _mean_confidence(probs: Any) -> float:
 
 def _annotated_dice(model: SegmentationModel | ModelEnsemble, images: Sequence[np.ndarray],
                     labels: Sequence[np.ndarray], numbers: Sequence[int], sub: _Subject, st: StageSettings,
-                    dev: torch.device) -> float:
+                    dev: torch.device, prior: AtlasPrior | None = None) -> float:
     """Mean Dice over areas of the model on the annotated sections (in memory), predicted as the
-    sections are (the same window and test-time flips)."""
+    sections are (the same window and test-time flips, and the atlas prior added to the scores)."""
     from .prediction import SlidingWindow, predict_array
+    from .prior import prior_predictor
 
     scores: dict[str, list[float]] = {}
     index = {c: i for i, c in enumerate(sub.classes)}
+    grids = prior.section_grids(numbers) if prior is not None else {}
     for img, ann, n in zip(images, labels, numbers, strict=True):
         predictor: Any = model
         if model.section_values:
@@ -1201,6 +1203,8 @@ def _annotated_dice(model: SegmentationModel | ModelEnsemble, images: Sequence[n
             frame = _frame_of_array(grey)
             predictor = _positioned_predictor(model, frame, float(img[-1, 0, 0]))
             img = grey
+        if prior is not None:
+            predictor = prior_predictor(predictor, grids.get(int(n)), prior.step_px)
         window = SlidingWindow(roi_size=st.window_size, overlap=st.overlap, batch_size=st.predict_batch)
         logits = predict_array(img, predictor, window=window, device=dev, tta=st.tta)
         pred = np.asarray(logits).argmax(0)
