@@ -315,6 +315,9 @@ class SegmentationSettings(_Model):
     width: Annotated[int, Field(ge=1, le=512)] = 32
     device: Annotated[str, AfterValidator(_device)] = "auto"
     tta: bool = False
+    #: also train on each annotated section mirrored left-right, left and right areas swapped (a
+    #: brain seen in a mirror); turn it off when the brains' two hemispheres are not alike
+    mirror: bool = True
     #: give the network each section's place along its brain's series (0 first, 1 last number);
     #: turn it off when the brains' series cover different stretches of the brain
     stack_position: bool = True

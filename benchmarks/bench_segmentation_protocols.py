@@ -112,7 +112,8 @@ def main() -> None:
     ap.add_argument("--build", default=None, metavar="DIR",
                     help="score the segmentation of an atlas built from a demo manifest instead")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a StageSettings field, e.g. --set positions=True (repeatable)")
+                    help="override a StageSettings field, "
+                         "e.g. --set positions=True --set mirror=False (repeatable)")
     ap.add_argument("--work", default=None, help="keep outputs here (default: a temporary directory)")
     ap.add_argument("--dense-every", type=int, default=3,
                     help="dense protocol: train on every k-th section of the other brains (default 3)")

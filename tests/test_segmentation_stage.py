@@ -486,7 +486,7 @@ def test_tta_needs_flips_and_flips_no_positions() -> None:
     with pytest.raises(InputError, match="tta needs a network trained with flips"):
         StageSettings(tta=True)
     with pytest.raises(InputError, match="flips cannot be used with positions"):
-        StageSettings(flips=True, positions=True)
+        StageSettings(flips=True, positions=True, mirror=False)
     assert StageSettings(flips=True, tta=True).training_config(10, 1e-3).augmentation.flips
     assert not StageSettings().training_config(10, 1e-3).augmentation.flips
 

@@ -20,6 +20,8 @@ from atlasbuilder.segmentation.data import (
     check_sections,
     context_input,
     grid_window,
+    hemisphere_swap,
+    mirror,
     overview_canvas,
 )
 from atlasbuilder.segmentation.networks import UNet
@@ -192,6 +194,52 @@ def test_grid_window_is_the_bilinear_value_at_each_pixel():
                 np.testing.assert_allclose(got[:, r, c].numpy(), want, atol=1e-5)
 
 
+def test_hemisphere_swap_trades_left_and_right_classes():
+    classes = ["background", "hOc1_left", "hOc1_right", "hOc5_left", "gap", "x_right"]
+    assert hemisphere_swap(classes) == [0, 2, 1, 3, 4, 5]  # hOc5_left and x_right have no partner
+
+
+def test_mirrored_patch_is_the_patch_of_the_mirrored_section():
+    """A mirrored patch, its prior planes and its context equal what the same window gives on the
+    section mirrored left-right with left and right classes swapped (width a multiple of the
+    overview block, so the overview mirrors exactly)."""
+    from atlasbuilder.segmentation.data import block_mean
+
+    classes = ["background", "a_left", "a_right", "b"]
+    swap = hemisphere_swap(classes)
+    rng = np.random.default_rng(5)
+    h, w, p, size = 40, 64, 16, 16
+    image = rng.normal(size=(1, h, w)).astype(np.float32)
+    labels = rng.integers(-1, 4, (h, w))
+    prior = rng.normal(size=(4, h, w)).astype(np.float32)  # per-pixel class scores
+    m_image, m_prior = image[:, :, ::-1].copy(), prior[swap][:, :, ::-1].copy()
+    m_labels = np.where(labels >= 0, np.asarray(swap)[labels.clip(0)], labels)[:, ::-1].copy()
+    f = 4  # overview block: 64 / 4 = 16 columns, the whole canvas width
+
+    def patch(img, lab, pri, r0, c0):
+        x = torch.from_numpy(np.concatenate([img, pri])[:, r0:r0 + p, c0:c0 + p].copy())
+        canvas = torch.from_numpy(overview_canvas(block_mean(img, f), size, (0.3,)))
+        ctx = context_input(canvas, f, torch.tensor([[r0, c0]]), (p, p))
+        return x, torch.from_numpy(lab[r0:r0 + p, c0:c0 + p].copy()), ctx
+
+    origins = [(0, 0), (10, 7), (24, 48)]
+    xs, ys, cs = zip(*(patch(image, labels, prior, r, c) for r, c in origins), strict=True)
+    x, y, ctx = torch.stack(xs), torch.stack(ys), torch.cat(cs)
+    which = torch.tensor([True, True, False])
+    mx, my, mc = mirror(x, y, ctx, which, swap, widths=[w // f] * 3, bias_channels=4)
+    for i, (r, c) in enumerate(origins):
+        if which[i]:
+            wx, wy, wc = patch(m_image, m_labels, m_prior, r, w - c - p)
+        else:
+            wx, wy, wc = xs[i], ys[i], cs[i]
+        assert torch.equal(mx[i], wx) and torch.equal(my[i], wy) and torch.allclose(mc[i], wc[0])
+    assert torch.equal(x[2], mx[2]) and not torch.equal(x[0], mx[0])  # inputs untouched
+    with pytest.raises(InputError, match="mirror cannot be used with positions"):
+        from atlasbuilder.segmentation.stage import StageSettings
+
+        StageSettings(positions=True)  # mirror is on by default
+
+
 def test_context_input_marks_the_window():
     canvas = torch.zeros(2, 10, 10)
     ctx = context_input(canvas, 4, torch.tensor([[0, 0], [8, 20]]), (8, 12))
@@ -236,6 +284,23 @@ def test_training_is_deterministic_for_a_seed(trained):
         assert torch.equal(a, b), k
     other, _ = train(images, labels, MAPPING, config=FAST, seed=1)
     assert not torch.equal(model.net.head.weight, other.net.head.weight)
+
+
+def test_training_mirrors_only_classes_with_a_left_right_pair(trained):
+    """With ``mirror``, a class set with a left/right pair trains on mirrored patches too (other
+    weights, same seed); one without a pair trains exactly as without ``mirror``."""
+    from dataclasses import replace
+
+    images, labels, model, _ = trained
+    names = [f"s{i}" for i in range(4)]
+    mirrored = replace(FAST, augmentation=replace(FAST.augmentation, mirror=True))
+    same, _ = train(images, labels, MAPPING, config=mirrored, seed=0, names=names)
+    for (k, a), b in zip(model.net.state_dict().items(), same.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    paired = {0: "background", 10: "A_left", 20: "A_right", 255: None}
+    plain, _ = train(images, labels, paired, config=FAST, seed=0, names=names)
+    turned, _ = train(images, labels, paired, config=mirrored, seed=0, names=names)
+    assert not torch.equal(plain.net.head.weight, turned.net.head.weight)
 
 
 def test_training_learns_the_toy_problem():

@@ -28,6 +28,8 @@ __all__ = [
     "check_sections",
     "context_input",
     "grid_window",
+    "hemisphere_swap",
+    "mirror",
     "overview_canvas",
 ]
 
@@ -313,7 +315,10 @@ class Augmentation:
     ``brightness``, ``gamma``: intensity changes (factor ``1 ± contrast``, shift ``± brightness``
     std units, gamma in ``exp(± gamma)``); ``noise``: Gaussian noise std (std units);
     ``intensity_channels``: how many leading channels the intensity changes and noise touch (None:
-    all; the rest, e.g. position channels, keep their values).
+    all; the rest, e.g. position channels, keep their values). ``mirror``: mirror half the patches
+    left-right *as whole sections* (:func:`mirror`: the context overview and the window's place in it
+    mirrored too, left and right areas swapped), a brain seen in a mirror; training applies it, not
+    :func:`augment`, and only to classes with a left/right pair (``X_left`` and ``X_right``).
 
     The defaults suit short few-shot runs: on ribbon phantoms (300 steps of 8 patches, learning rate
     3e-3), adding rotation 15 deg, scale 0.1, elastic 2 px and gamma 0.3 halved the area Dice
@@ -330,6 +335,54 @@ class Augmentation:
     gamma: float = 0.0
     noise: float = 0.03
     intensity_channels: int | None = None
+    mirror: bool = False
+
+
+def hemisphere_swap(classes: Sequence[str]) -> list[int]:
+    """The class permutation that mirrors a brain: ``X_left`` and ``X_right`` (both present) trade
+    places; every other class keeps its index."""
+    index = {c: i for i, c in enumerate(classes)}
+    perm = list(range(len(classes)))
+    for c, i in index.items():
+        for a, b in (("_left", "_right"), ("_right", "_left")):
+            if c.endswith(a) and c[: -len(a)] + b in index:
+                perm[i] = index[c[: -len(a)] + b]
+    return perm
+
+
+def mirror(x: torch.Tensor, y: torch.Tensor, context: torch.Tensor | None, which: torch.Tensor,
+           swap: Sequence[int], *, widths: Sequence[int] = (), bias_channels: int = 0
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Mirror the patches ``which`` (a ``(B,)`` bool mask) left-right as if cut from the mirrored
+    section of a mirrored brain.
+
+    ``x`` ``(B, C, P, P)``: pixels flipped; its last ``bias_channels`` channels are per-class scores
+    (an atlas prior), which also trade places by ``swap`` (:func:`hemisphere_swap`). ``y``
+    ``(B, P, P)`` class indices: flipped and mapped by ``swap`` (``IGNORE`` stays). ``context``
+    ``(B, Cc, s, s)``: the section overview sits in the first ``widths[i]`` columns of patch ``i``'s
+    canvas, and those columns (overview, footprint and window mask alike) are flipped, so the window
+    lies where the patch lies in the mirrored section (to within one overview pixel when the
+    section's width is not a multiple of the overview's block). Unlike :func:`augment`'s flips this
+    keeps position and content consistent: a left area seen in the mirror is a right area.
+    """
+    if not bool(which.any()):
+        return x, y, context
+    perm = torch.as_tensor(list(swap), dtype=torch.long)
+    idx = torch.nonzero(which).flatten()
+    x, y = x.clone(), y.clone()
+    xm = torch.flip(x[idx], (3,))
+    if bias_channels:
+        c = x.shape[1] - bias_channels
+        xm = torch.cat([xm[:, :c], xm[:, c:][:, perm]], 1)
+    x[idx] = xm
+    ym = torch.flip(y[idx], (2,))
+    y[idx] = torch.where(ym >= 0, perm[ym.clamp_min(0)], ym)
+    if context is not None:
+        context = context.clone()
+        for i in idx.tolist():
+            w = int(widths[i]) if len(widths) else context.shape[-1]
+            context[i, :, :, :w] = torch.flip(context[i, :, :, :w], (2,))
+    return x, y, context
 
 
 def _uniform(g: torch.Generator, n: int, half_width: float) -> torch.Tensor:

@@ -48,6 +48,8 @@ from .data import (
     class_list,
     context_input,
     grid_window,
+    hemisphere_swap,
+    mirror,
     overview_canvas,
     overview_factor,
 )
@@ -703,9 +705,11 @@ def _fit(model: SegmentationModel, train_secs: list[TrainingSection], val_secs: 
     ctx_size = model.context_size
     canvases: list[torch.Tensor] = []
     factors: list[int] = []
+    widths: list[int] = []  # the overview's width in its canvas (what a mirror flips)
     if ctx_size is not None:
         for sec in train_secs:
             f = overview_factor(sec.image.shape[1:], ctx_size)
+            widths.append(min(ctx_size, -(-sec.image.shape[-1] // f)))
             ov = (block_mean(sec.image, f) - np.asarray(model.mean.cpu()).reshape(-1, 1, 1)) \
                 / np.asarray(model.std.cpu()).reshape(-1, 1, 1)
             canvases.append(torch.from_numpy(overview_canvas(ov.astype(np.float32), ctx_size, sec.values)))
@@ -718,6 +722,10 @@ def _fit(model: SegmentationModel, train_secs: list[TrainingSection], val_secs: 
     aug = cfg.augmentation
     if use_bias:
         aug = replace(aug, intensity_channels=min(aug.intensity_channels or channels, channels))
+    # a mirror swaps left and right classes; without such a pair nothing says what a mirrored
+    # section's areas are (an area may lie on one side only), so there is no mirror
+    swap = hemisphere_swap(model.classes)
+    aug = replace(aug, mirror=aug.mirror and swap != list(range(len(swap))))
     opt = _adamw(model.parameters(), cfg.learning_rate, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=cfg.max_iterations,
                                                 pct_start=0.15)
@@ -748,6 +756,11 @@ def _fit(model: SegmentationModel, train_secs: list[TrainingSection], val_secs: 
                           grid_window(biases[s], train_secs[s].bias_step, int(o[0]), int(o[1]), p, p)
                           for s, o in zip(which, origins, strict=True)]
                 x = torch.cat([x.cpu(), torch.stack(planes)], 1)
+            if aug.mirror:
+                flip = torch.rand(len(which), generator=gen) < 0.5
+                x, y, ctx = mirror(x.cpu(), y.cpu(), ctx, flip, swap,
+                                   widths=[widths[s] for s in which] if widths else (),
+                                   bias_channels=len(model.classes) if use_bias else 0)
             x, y, ctx = augment(x.cpu(), y.cpu(), ctx, aug, gen)
             if use_bias:
                 x, bias = x[:, :channels], x[:, channels:].to(dev)
