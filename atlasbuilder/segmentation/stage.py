@@ -112,13 +112,13 @@ cut from the section mirrored left-right, with the atlas prior, the context over
 window's place in it mirrored too and every ``X_left`` class swapped with its ``X_right``: a brain
 seen in a mirror is as plausible a brain, and its areas lie where a mirrored brain has them
 (flipping the patch alone, as ``flips`` does, would teach that an area also lies where its mirror
-image does). It doubles the brains the cohort models learn from at no cost per step. Default demo
-(two cohort models, seeds 0 and 1, with ``min_area_mm3``): 0.709 without, 0.733 with it (a full
-build; an experiment on the same placements gave 0.733 too, its two models 0.727 and 0.722 alone);
-every brain gained, and the more the farther a section lies from the annotated ones: on the
-annotated sections themselves 0.86 against 0.89 (it memorises them less), on the sections 2 mm
-from them 0.79 against 0.78, 8-10 mm away 0.77-0.78 against 0.73-0.75, 12 mm away 0.75 against
-0.69.
+image does). It doubles the brains the cohort models learn from, for about 3 % more time per step
+(the flips and swaps). Default demo (two cohort models, seeds 0 and 1, with ``min_area_mm3``):
+0.709 without, 0.733 with it (a full build; an experiment on the same placements gave 0.733 too,
+its two models 0.727 and 0.722 alone); every brain gained, and the more the farther a section lies
+from the annotated ones: on the annotated sections themselves 0.86 against 0.89 (it memorises them
+less), on the sections 2 mm from them 0.79 against 0.78, 8-10 mm away 0.77-0.78 against 0.73-0.75,
+12 mm away 0.75 against 0.69.
 
 Prediction runs the training patch (128 px) as its window by default (``tile``; a 256-px window
 scored 0.411 against 0.425, as the context branch was trained on 128-px windows). Flip test-time
