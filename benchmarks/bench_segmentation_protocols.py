@@ -188,7 +188,7 @@ def main() -> None:
     print(f"settings: {st}", flush=True)
     priors = None
     if args.prior_build:
-        priors = _priors(Path(args.prior_build), manifest, st.prior_weight, ap.error)
+        priors = _priors(Path(args.prior_build), manifest, st, ap.error)
     results: dict[str, dict] = {}
     for protocol in args.protocols.split(","):
         t0 = time.perf_counter()
@@ -255,26 +255,21 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
 
-def _priors(build: Path, manifest: Any, weight: float, fail: Any) -> dict[str, Any]:
-    """Every brain's atlas prior as the build at ``build`` placed it (FSL Juelich maps)."""
-    from atlasbuilder.pipeline import juelich_prior_atlas
-    from atlasbuilder.segmentation.prior import AtlasPrior
-    from atlasbuilder.segmentation.stage import _subject
+def _priors(build: Path, manifest: Any, st: Any, fail: Any) -> dict[str, Any]:
+    """Every brain's atlas prior as the build at ``build`` placed it (FSL Juelich maps), made as
+    the build makes it."""
+    from atlasbuilder.pipeline import _atlas_prior, juelich_prior_atlas
 
     for s in manifest.subjects:
         placed = build / "brains" / s.id / "placement" / "reconstruction.json"
         if not placed.is_file():
             fail(f"--prior-build {build}: no placement of brain {s.id} ({placed} not found); "
                  f"give a full build of the same demo cohort (make demo-full)")
-    atlas = juelich_prior_atlas()
-    out = {}
-    for s in manifest.subjects:
-        brain = build / "brains" / s.id
-        out[s.id] = AtlasPrior.from_directories(
-            atlas, _subject(manifest, s.id).classes, brain / "placement",
-            [brain / "registration", build / "transforms" / "MNI152NLin6Asym__MNI152NLin2009cAsym"],
-            f"subject:{s.id}", pixel_mm=s.sections.pixel_size_um / 1000.0, weight=weight)
-    return out
+    atlas = str(juelich_prior_atlas())
+    pair = str(build / "transforms" / "MNI152NLin6Asym__MNI152NLin2009cAsym")
+    return {s.id: _atlas_prior(manifest, st, s.id, atlas, str(build / "brains" / s.id / "placement"),
+                               [str(build / "brains" / s.id / "registration"), pair])
+            for s in manifest.subjects}
 
 
 def _value(text: str, old: Any) -> Any:

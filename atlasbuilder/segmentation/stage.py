@@ -120,6 +120,7 @@ from the annotated ones: on the annotated sections themselves 0.86 against 0.89 
 less), on the sections 2 mm from them 0.79 against 0.78, 8-10 mm away 0.77-0.78 against 0.73-0.75,
 12 mm away 0.75 against 0.69. With it, more training no longer pays: two cohort models of 4000
 steps reached 0.732 (before it, 4000 steps had given +0.02).
+
 The few annotations, not the network, are the limit: trained on the true labels of every section
 of 8 other brains (275 sections instead of 20), one model maps the other two (B09, B10) at 0.782
 with 2500 steps, 0.812 with 5000 and 0.829 with 10000, against 0.741 for one model of the build's
