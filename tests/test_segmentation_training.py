@@ -24,12 +24,13 @@ from atlasbuilder.segmentation.data import (
     mirror,
     overview_canvas,
 )
-from atlasbuilder.segmentation.networks import UNet
+from atlasbuilder.segmentation.networks import UNet, resize, resize_matrix
 from atlasbuilder.segmentation.prediction import open_prediction, predict_array, predict_file
 from atlasbuilder.segmentation.training import (
     ModelEnsemble,
     SegmentationModel,
     TrainingConfig,
+    _loss,
     dice_scores,
     load_checkpoint,
     save_checkpoint,
@@ -91,6 +92,66 @@ def test_unet_context_branch():
         UNet(1, 2, norm="layer")
     with pytest.raises(InputError, match="depth"):
         UNet(1, 2, depth=0)
+
+
+@pytest.mark.parametrize("mode,align_corners", [("bilinear", False), ("bicubic", True), ("bicubic", False)])
+def test_resize_is_interpolate_forwards_and_backwards(mode, align_corners):
+    """The U-Net's and the augmentation's resizes, two matrix products on the CPU: the values and
+    the gradients of ``interpolate``, up and down, odd sizes, one-pixel axes, the same size."""
+    g = torch.Generator().manual_seed(0)
+    for (h, w), size in [((32, 32), (128, 128)), ((4, 4), (128, 128)), ((5, 7), (10, 14)), ((1, 3), (4, 11)),
+                         ((9, 9), (9, 9)), ((12, 10), (5, 3))]:
+        x = torch.randn(2, 3, h, w, generator=g, requires_grad=True)
+        ref = torch.nn.functional.interpolate(x, size=size, mode=mode, align_corners=align_corners)
+        got = resize(x, size, mode, align_corners)
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+        up = torch.randn(ref.shape, generator=g)
+        (want,) = torch.autograd.grad(ref, x, up)
+        (have,) = torch.autograd.grad(got, x, up)
+        torch.testing.assert_close(have, want, atol=1e-4, rtol=1e-4)  # float32 sums of up to 32 x 32 terms
+        # predicting (no gradient) and large sizes: interpolate itself, bit for bit
+        assert torch.equal(resize(x.detach(), size, mode, align_corners),
+                           torch.nn.functional.interpolate(x.detach(), size=size, mode=mode,
+                                                           align_corners=align_corners))
+    big = torch.randn(1, 1, 70, 80, requires_grad=True)
+    assert torch.equal(resize(big, (280, 320), mode, align_corners),
+                       torch.nn.functional.interpolate(big, size=(280, 320), mode=mode,
+                                                       align_corners=align_corners))
+    m = resize_matrix(4, 9, mode, align_corners)
+    assert m.shape == (9, 4) and m is resize_matrix(4, 9, mode, align_corners)  # cached
+    torch.testing.assert_close(m.sum(1), torch.ones(9))  # weights of a resize sum to one
+
+
+def test_loss_is_cross_entropy_plus_the_soft_dice_of_the_classes_present():
+    """Against the definition with a one-hot target: values and gradients; ignored pixels count
+    nowhere; a class absent from the batch adds nothing to the Dice term."""
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(3, 5, 17, 9, generator=g) * 3).requires_grad_(True)
+    target = torch.randint(0, 5, (3, 17, 9), generator=g)
+    target[target == 3] = 0  # class 3 absent
+    target[:, :2] = IGNORE
+
+    def reference(lg, t, w):
+        ce = torch.nn.functional.cross_entropy(lg, t, ignore_index=IGNORE)
+        valid = (t != IGNORE)[:, None].float()
+        prob = torch.softmax(lg, 1) * valid
+        onehot = torch.nn.functional.one_hot(t.clamp_min(0), lg.shape[1]).permute(0, 3, 1, 2) * valid
+        inter = (prob * onehot).sum((0, 2, 3))
+        dice = (2 * inter + 1) / (prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3)) + 1)
+        return ce + w * (1 - dice[onehot.sum((0, 2, 3)) > 0].mean())
+
+    for w in (0.0, 0.5, 2.0):
+        want = reference(logits, target, w)
+        have = _loss(logits, target, w)
+        torch.testing.assert_close(have, want, atol=1e-6, rtol=1e-6)
+        (gw,) = torch.autograd.grad(want, logits)
+        (gh,) = torch.autograd.grad(have, logits)
+        torch.testing.assert_close(gh, gw, atol=1e-8, rtol=1e-5)
+    # an ignored pixel's logits do not matter; w 0 is the cross-entropy alone
+    moved = logits.detach().clone()
+    moved[:, :, :2] += 5
+    torch.testing.assert_close(_loss(moved, target, 0.5), _loss(logits.detach(), target, 0.5))
 
 
 # -------------------------------------------------------------------------------------------------

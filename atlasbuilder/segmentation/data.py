@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, InvalidImageError
+from .networks import resize_matrix
 
 __all__ = [
     "IGNORE",
@@ -204,21 +205,17 @@ def grid_window(grid: torch.Tensor, step: int, r0: int, c0: int, h: int, w: int)
 
     Separable: the grid points the window touches, weighted along rows then columns by two small
     interpolation matrices (two matrix products: a training step and a section's windows ask for
-    thousands of these).
+    thousands of these). The matrices are made in numpy (a hat function of the distance to each
+    grid point: 150 us a 128-pixel window against 235 us with torch's small-tensor operations).
     """
 
     def axis(start: int, n: int, size: int) -> tuple[torch.Tensor, int, int]:
-        u = (torch.arange(start, start + n, dtype=torch.float32, device=grid.device) - (step - 1) / 2) / step
-        u = u.clamp(0, size - 1)
-        i0 = u.floor().long()
-        i1 = (i0 + 1).clamp(max=size - 1)
-        f = u - i0.float()
-        lo, hi = int(i0[0]), int(i1[-1]) + 1  # u rises with the pixel: the grid points used
-        m = torch.zeros(n, hi - lo, dtype=grid.dtype, device=grid.device)
-        at = torch.arange(n, device=grid.device)
-        m.index_put_((at, i0 - lo), (1 - f).to(grid.dtype), accumulate=True)
-        m.index_put_((at, i1 - lo), f.to(grid.dtype), accumulate=True)
-        return m, lo, hi
+        u = (np.arange(start, start + n, dtype=np.float64) - (step - 1) / 2) / step
+        np.clip(u, 0, size - 1, out=u)
+        lo, hi = int(u[0]), min(int(u[-1]) + 1, size - 1) + 1  # u rises with the pixel
+        m = 1 - np.abs(u[:, None] - np.arange(lo, hi)[None, :])  # (1 - f) at floor(u), f above it
+        np.maximum(m, 0, out=m)
+        return torch.from_numpy(m).to(dtype=grid.dtype, device=grid.device), lo, hi
 
     mr, r_lo, r_hi = axis(r0, h, grid.shape[1])
     mc, c_lo, c_hi = axis(c0, w, grid.shape[2])
@@ -420,7 +417,10 @@ def augment(x: torch.Tensor, y: torch.Tensor, context: torch.Tensor | None, aug:
         if aug.elastic_px:
             n = max(2, int(aug.elastic_grid))
             disp = torch.randn(b, 2, n, n, generator=g) * (2 * aug.elastic_px / x.shape[-1])
-            disp = F.interpolate(disp, size=x.shape[-2:], mode="bicubic", align_corners=True)
+            # bicubic, as two products with interpolate's own weights (0.1 ms, not 2 ms, a step)
+            mh = resize_matrix(n, x.shape[-2], "bicubic", True)
+            mw = resize_matrix(n, x.shape[-1], "bicubic", True)
+            disp = mh @ disp @ mw.T
             grid = grid + disp.permute(0, 2, 3, 1)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         yf = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="reflection",
@@ -431,10 +431,11 @@ def augment(x: torch.Tensor, y: torch.Tensor, context: torch.Tensor | None, aug:
         x, fixed = x[:, :aug.intensity_channels], x[:, aug.intensity_channels:]
     if aug.contrast or aug.brightness or aug.gamma:
         dims = (1, 2, 3)
-        lo, hi = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
-        span = (hi - lo).clamp_min(1e-6)
         gamma = torch.exp(_uniform(g, b, aug.gamma)).view(b, 1, 1, 1)
-        x = ((x - lo) / span).clamp(0, 1) ** gamma * span + lo
+        if aug.gamma:  # (0: every gamma is 1, and the pixels stay as they are)
+            lo, hi = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
+            span = (hi - lo).clamp_min(1e-6)
+            x = ((x - lo) / span).clamp(0, 1) ** gamma * span + lo
         mean = x.mean(dims, keepdim=True)
         contrast = (1 + _uniform(g, b, aug.contrast)).view(b, 1, 1, 1)
         x = (x - mean) * contrast + mean + _uniform(g, b, aug.brightness).view(b, 1, 1, 1)
