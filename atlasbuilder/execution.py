@@ -49,6 +49,15 @@ __all__ = ["Executor", "Fingerprints", "Unit", "UnitCache", "content_key", "run_
 
 UNITS_DIR = ".units"
 
+UNKNOWN_UNIT_DURATION = "60s"
+"""What the local cluster's scheduler assumes a unit of a kind it has not yet seen finish takes
+(Dask's default: 0.5 s, for small array tasks). Its work stealing compares such guesses with the
+time the running units have taken so far: a unit started ahead that had run 5 s made its worker
+look busier than one that had just started a cohort model, and Dask moved the second cohort model
+there, behind the first (the quick demo's two models ran one after the other, +74 s, while the
+other worker idled; ``tests/test_execution.py`` reproduces it 3 times in 3 with 0.5 s). Our units
+take seconds to minutes."""
+
 
 def content_key(*parts: Any) -> str:
     """A stable hex SHA-256 of JSON-serialisable parts (dict keys sorted)."""
@@ -301,7 +310,8 @@ class Executor:
             # one ends, before a more urgent unit that just became ready (units started ahead
             # would then hold up the stage that waits for its units).
             with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
-                                  "distributed.scheduler.worker-saturation": 1.0}):
+                                  "distributed.scheduler.worker-saturation": 1.0,
+                                  "distributed.scheduler.unknown-task-duration": UNKNOWN_UNIT_DURATION}):
                 self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1,
                                              processes=True, dashboard_address=None,
                                              silence_logs=logging.ERROR)
