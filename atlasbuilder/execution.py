@@ -55,7 +55,7 @@ UNKNOWN_UNIT_DURATION = "60s"
 time the running units have taken so far: a unit started ahead that had run 5 s made its worker
 look busier than one that had just started a cohort model, and Dask moved the second cohort model
 there, behind the first (the quick demo's two models ran one after the other, +74 s, while the
-other worker idled; ``tests/test_execution.py`` reproduces it 3 times in 3 with 0.5 s). Our units
+other worker idled; ``tests/test_execution.py`` reproduces it, 4 times in 6 with 0.5 s). Our units
 take seconds to minutes."""
 
 
