@@ -154,6 +154,22 @@ def test_loss_is_cross_entropy_plus_the_soft_dice_of_the_classes_present():
     torch.testing.assert_close(_loss(moved, target, 0.5), _loss(logits.detach(), target, 0.5))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_loss_on_a_gpu_is_the_loss_on_the_cpu():
+    """On a GPU the own class's probability comes from a one-hot target, not a gather."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 4, 16, 12, generator=g) * 3
+    target = torch.randint(0, 4, (2, 16, 12), generator=g)
+    target[:, :3] = IGNORE
+    cpu = logits.clone().requires_grad_(True)
+    gpu = logits.cuda().requires_grad_(True)
+    lc, lg = _loss(cpu, target, 0.5), _loss(gpu, target.cuda(), 0.5)
+    torch.testing.assert_close(lg.cpu(), lc.detach(), atol=1e-5, rtol=1e-5)
+    (gc,) = torch.autograd.grad(lc, cpu)
+    (gg,) = torch.autograd.grad(lg, gpu)
+    torch.testing.assert_close(gg.cpu(), gc, atol=1e-6, rtol=1e-4)
+
+
 # -------------------------------------------------------------------------------------------------
 # data
 
