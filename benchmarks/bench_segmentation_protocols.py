@@ -123,10 +123,12 @@ def score(cohort: Path, sid: str, out_dir: Path) -> dict[str, dict[str, float]]:
             ntrue[r] = ntrue.get(r, 0.0) + float(t.sum())
             if t.any():
                 ds.append(2 * i / s)
-                for k in steps:
-                    e = float(ndimage.binary_erosion(t, cross, iterations=k).sum())
+                eroded, n_true = t, float(t.sum())
+                for k in steps:  # k px in: one more 1-px erosion of the last
+                    eroded = ndimage.binary_erosion(eroded, cross)
+                    e = float(eroded.sum())
                     shift_inter[k][r] = shift_inter[k].get(r, 0.0) + e
-                    shift_total[k][r] = shift_total[k].get(r, 0.0) + e + float(t.sum())
+                    shift_total[k][r] = shift_total[k].get(r, 0.0) + e + n_true
         if ds:
             per_section.append(float(np.mean(ds)))
         border = np.zeros(truth.shape, bool)
