@@ -9,6 +9,7 @@ import pytest
 from atlasbuilder.errors import InputError, ManifestError
 from atlasbuilder.manifest import (
     QUICK_EPOCHS,
+    QUICK_OVERLAP,
     QUICK_WIDTH,
     Manifest,
     builtin_manifest_path,
@@ -533,6 +534,7 @@ def test_quick_gives_fewer_brains_and_faster_settings() -> None:
     assert q.synthetic.subjects == 3 < m.synthetic.subjects == 10
     assert q.stages.segmentation.epochs == QUICK_EPOCHS < m.stages.segmentation.epochs
     assert q.stages.segmentation.width == QUICK_WIDTH < m.stages.segmentation.width
+    assert q.stages.segmentation.overlap == QUICK_OVERLAP < m.stages.segmentation.overlap
     assert q.stages.reconstruction.voxel_size_mm > m.stages.reconstruction.voxel_size_mm
     assert q.stages.registration.preset == "synquick"
     assert q.is_quick and not m.is_quick
