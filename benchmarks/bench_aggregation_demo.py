@@ -16,6 +16,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,8 +31,9 @@ def find_cohort() -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "atlasbuilder" / "cohorts"
     found = sorted(p for p in base.glob("demo-*") if (p / "truth" / "pmaps").is_dir())
     if not found:
-        raise SystemExit(f"no demo cohort under {base}; run `atlasbuilder synth DIR --quick` "
-                         "and pass --cohort DIR")
+        print(f"{Path(sys.argv[0]).name}: error: no demo cohort under {base}; run "
+              "`atlasbuilder synth DIR --quick` and pass --cohort DIR", file=sys.stderr)
+        raise SystemExit(2)
     return found[-1]
 
 

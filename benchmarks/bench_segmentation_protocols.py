@@ -67,13 +67,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
+
+
+def _input_error(message: str) -> NoReturn:
+    """Exit 2 with a one-line error (bad arguments or input), as argparse does for usage errors."""
+    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _truth(cohort: Path, sid: str, name: str) -> np.ndarray:
@@ -217,7 +224,7 @@ def main() -> None:
     for kv in args.set:
         key, _, value = kv.partition("=")
         if not hasattr(st, key):
-            raise SystemExit(f"--set {kv}: StageSettings has no field {key!r}")
+            _input_error(f"--set {kv}: StageSettings has no field {key!r}")
         st = replace(st, **{key: _value(value, getattr(st, key))})
     print(f"settings: {st}", flush=True)
     priors = None
@@ -231,7 +238,7 @@ def main() -> None:
         if protocol == "selftrain":
             base = work / "build"  # the build protocol's models and predictions are its start
         if protocol == "selftrain" and st.cohort_models > 1:
-            raise SystemExit("selftrain fine-tunes one model: run it with --set cohort_models=1")
+            _input_error("selftrain fine-tunes one model: run it with --set cohort_models=1")
         # the protocols with cohort models train st.cohort_models of them (seeds 0, 1, ...), one
         # after the other (the build trains them at the same time on separate workers)
         models = [base / ("cohort_model.pt" if i == 0 else f"cohort_model-{i + 1}.pt")
@@ -276,7 +283,7 @@ def main() -> None:
                                                  finetune_iterations=st.scratch_iterations,
                                                  finetune_lr=st.scratch_lr), progress=False)
             else:
-                raise SystemExit(f"unknown protocol {protocol}")
+                _input_error(f"unknown protocol {protocol}")
             res["minutes"][sid] = (time.perf_counter() - tb) / 60
             res["brains"][sid] = score(cohort, sid, out)
             a = res["brains"][sid]["area"]
@@ -417,7 +424,7 @@ def _self_train(manifest: Any, sid: str, first: Path, out: Path, st: Any, thresh
     from atlasbuilder.segmentation.training import train
 
     if st.positions:
-        raise SystemExit("the selftrain protocol does not add position channels to the pseudo-labelled "
+        _input_error("the selftrain protocol does not add position channels to the pseudo-labelled "
                          "sections: run it without --set positions=True")
     if (out / "segmentation.json").is_file():
         return out
@@ -451,7 +458,7 @@ def _score_build(build: Path) -> dict:
     res: dict = {"brains": {}, "minutes": {}}
     brains = build / "brains"
     if not brains.is_dir():
-        raise SystemExit(f"{build}: not an atlas directory with brains/ (atlasbuilder build -o DIR)")
+        _input_error(f"{build}: not an atlas directory with brains/ (atlasbuilder build -o DIR)")
     for d in sorted(brains.iterdir()):
         seg = d / "segmentation"
         if not (seg / "segmentation.json").is_file():
@@ -459,12 +466,12 @@ def _score_build(build: Path) -> dict:
         info = json.loads((seg / "segmentation.json").read_text())
         cohort = Path(info["sections"][0]["source"]).parents[2]  # <cohort>/sections/<id>/<file>
         if not (cohort / "truth" / "subjects" / d.name).is_dir():
-            raise SystemExit(f"{seg}: its sections come from {cohort}, which has no truth for "
+            _input_error(f"{seg}: its sections come from {cohort}, which has no truth for "
                              f"{d.name} (not a demo cohort)")
         res["brains"][d.name] = score(cohort, d.name, seg)
         res["minutes"][d.name] = float(info["timings_s"]["total"]) / 60
     if not res["brains"]:
-        raise SystemExit(f"{build}: no segmented brains under brains/")
+        _input_error(f"{build}: no segmented brains under brains/")
     res["total_min"] = sum(res["minutes"].values())
     return res
 
