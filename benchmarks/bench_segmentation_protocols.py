@@ -154,7 +154,8 @@ def score(cohort: Path, sid: str, out_dir: Path) -> dict[str, dict[str, float]]:
         for k in steps:
             near[k] += float((bad & (dist <= k)).sum())
     area = {keys[r]: 2 * inter[r] / total[r] for r in keys if total.get(r)}
-    true_mm3 = {keys[r]: ntrue.get(r, 0.0) * _pixel_mm3(cohort, sid) for r in keys if total.get(r)}
+    voxel = _pixel_mm3(cohort, sid)
+    true_mm3 = {keys[r]: ntrue.get(r, 0.0) * voxel for r in keys if total.get(r)}
     mean = float(np.mean(per_section)) if per_section else float("nan")
     size = {keys[r]: npred[r] / ntrue[r] for r in keys if ntrue.get(r)}
     shifted = {str(k): float(np.mean([2 * shift_inter[k][r] / shift_total[k][r] for r in shift_inter[k]]))
@@ -166,9 +167,12 @@ def score(cohort: Path, sid: str, out_dir: Path) -> dict[str, dict[str, float]]:
 
 def _pixel_mm3(cohort: Path, sid: str) -> float:
     """The volume one section pixel stands for: its area times the brain's median distance
-    between present sections (from the cohort's ``truth/subjects/<id>/sections.json``)."""
+    between present sections (from the cohort's ``truth/subjects/<id>/sections.json``; NaN for a
+    brain of one section)."""
     meta = json.loads((cohort / "truth" / "subjects" / sid / "sections.json").read_text())
     ys = sorted(s["y_mm"] for s in meta["sections"] if not s["missing"])
+    if len(ys) < 2:
+        return float("nan")
     return float(meta["geometry"]["pixel_size_mm"]) ** 2 * float(np.median(np.diff(ys)))
 
 
