@@ -132,14 +132,14 @@ within 3 px, and the truth itself with every area's border moved in by 2 px scor
 0.930, 3 px 0.782; ``--build DIR`` prints both). Finer output does not place them
 better: a full-resolution head (the upsampled scores and the section's pixels through two 3 x 3
 convolutions of 8 maps, added to the scores, starting at zero) scored 0.738 against 0.734 without
-it in two full builds on one machine (an AMD EPYC with AVX2, where the same seeds give 0.734,
-not the 0.745 of the machine above), within one model's seed-to-seed spread, with as many misses
-at the borders (48 % within 1 px), for about 10 % more training and 40 % more prediction time,
-so the network has no such head. Four or five of the 97-98 brain-area maps are fragments of hOc5
-that the scored sections show in less than 100 mm^3 (B04 left and right, B05 right; B06 has no left hOc5,
-where the network found 137 mm^3 of it, and shows the right only on an annotated section): they
-score 0-0.35, and the mean without them is
-0.770 instead of 0.734 on that machine (``--build DIR`` lists them).
+it in two full builds on one machine (an AMD EPYC with AVX2, where the same seeds give 0.734, not
+the 0.745 of the full build quoted here), within one model's seed-to-seed spread, with as many
+misses at the borders (48 % within 1 px), for about 10 % more training and 40 % more prediction
+time, so the network has no such head. Four or five of the 97-98 brain-area maps are fragments of
+hOc5 that the scored sections show in less than 100 mm^3 (B04 left and right, B05 right; B06 has
+no left hOc5, where the network found 137 mm^3 of it, and shows the right only on an annotated
+section): they score 0-0.35, and the mean without them is 0.770 instead of 0.734 on that machine
+(``--build DIR`` lists them).
 
 Prediction runs the training patch (128 px) as its window by default (``tile``; a 256-px window
 scored 0.411 against 0.425, as the context branch was trained on 128-px windows). Neighbouring
