@@ -166,14 +166,12 @@ def score(cohort: Path, sid: str, out_dir: Path) -> dict[str, dict[str, float]]:
 
 
 def _pixel_mm3(cohort: Path, sid: str) -> float:
-    """The volume one section pixel stands for: its area times the brain's median distance
-    between present sections (from the cohort's ``truth/subjects/<id>/sections.json``; NaN for a
-    brain of one section)."""
-    meta = json.loads((cohort / "truth" / "subjects" / sid / "sections.json").read_text())
-    ys = sorted(s["y_mm"] for s in meta["sections"] if not s["missing"])
-    if len(ys) < 2:
-        return float("nan")
-    return float(meta["geometry"]["pixel_size_mm"]) ** 2 * float(np.median(np.diff(ys)))
+    """The volume one section pixel stands for, as the segmentation stage reckons the areas'
+    volumes (``min_area_mm3``): from the cohort manifest's pixel size, spacing and thickness."""
+    from atlasbuilder.manifest import load_manifest
+    from atlasbuilder.segmentation.stage import _subject
+
+    return float(_subject(load_manifest(cohort / "manifest.yaml"), sid).pixel_mm3)
 
 
 def main() -> None:
@@ -523,9 +521,9 @@ def _table(results: dict) -> None:
         small = [(sid, a, v, b["area"][a]) for sid, b in brains.items()
                  for a, v in b.get("true_mm3", {}).items() if v < SMALL_MM3]
         if small:
-            kept = [np.nanmean([d for a, d in b["area"].items()
-                                if b.get("true_mm3", {}).get(a, SMALL_MM3) >= SMALL_MM3] or [np.nan])
-                    for b in brains.values()]
+            apart = {(sid, a) for sid, a, _, _ in small}
+            kept = [np.nanmean([d for a, d in b["area"].items() if (sid, a) not in apart] or [np.nan])
+                    for sid, b in brains.items()]
             print(f"{len(small)} of {sum(len(b['area']) for b in brains.values())} brain-area maps show "
                   f"less than {SMALL_MM3:g} mm^3 of the area on the scored sections (truth): "
                   + ", ".join(f"{sid} {a} {v:.0f} mm^3 (Dice {d:.2f})" for sid, a, v, d in small)
