@@ -482,9 +482,9 @@ def _score_build(build: Path) -> dict:
             continue  # the reference brain, or a brain not segmented
         info = json.loads((seg / "segmentation.json").read_text())
         cohort = Path(info["sections"][0]["source"]).parents[2]  # <cohort>/sections/<id>/<file>
-        if not (cohort / "truth" / "subjects" / d.name).is_dir():
-            _input_error(f"{seg}: its sections come from {cohort}, which has no truth for "
-                             f"{d.name} (not a demo cohort)")
+        if not ((cohort / "truth" / "subjects" / d.name).is_dir() and (cohort / "manifest.yaml").is_file()):
+            _input_error(f"{seg}: its sections come from {cohort}, which has no truth or manifest.yaml "
+                         f"for {d.name} (not a demo cohort)")
         res["brains"][d.name] = score(cohort, d.name, seg)
         res["minutes"][d.name] = float(info["timings_s"]["total"]) / 60
     if not res["brains"]:
