@@ -93,7 +93,7 @@ the default 2500; and 40 per brain where a protocol fine-tunes). With 3 (188 coh
 network predicted background everywhere outside the annotated sections (mean Dice 0.000 on the
 quick demo cohort) and the quick atlas's areas were 96 % too small; 16 epochs of a 16-map network
 reached 0.25 there (0.20 at 12 epochs; 2500 steps and 32 maps: 0.40), all on the earlier demo
-phantom (cohort format 3). On the current one a quick build reaches 0.40 (README)."""
+phantom (cohort format 3). On the current one a quick build reaches 0.61 (``docs/demo_accuracy.md``)."""
 
 QUICK_OVERLAP = 0.25
 """Prediction window overlap at most in quick mode (:meth:`Manifest.quick`). The demo predicts

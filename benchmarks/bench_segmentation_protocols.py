@@ -60,7 +60,7 @@ against the truth of the cohort it was built from.
 Prints a per-brain and per-area table and minutes per brain, and how much of what is wrong lies at
 the areas' borders (the share of wrongly labelled pixels within 1 / 2 / 3 px of a true border, and
 the Dice of the truth with every area's border moved in by 1 / 2 / 3 px: the full demo build of
-the README's status table 50 / 64 / 73 % and 0.930 / 0.857 / 0.782), and the brain-area maps
+``docs/demo_accuracy.md`` 50 / 64 / 73 % and 0.930 / 0.857 / 0.782), and the brain-area maps
 whose area the scored sections show in less than 100 mm^3 (the truth's volume), with the mean
 without them; ``--json`` writes the numbers.
 """

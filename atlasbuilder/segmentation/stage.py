@@ -78,7 +78,7 @@ hOc5 maps dropped; hOc5 left 0.36 -> 0.45); 50 mm^3 0.691, 200 mm^3 as 100; the 
 
 The figures below, up to the prediction window, were measured on the demo's earlier, fainter
 phantom (cohort format 3, whose areas' laminar signatures were too alike); on the current one
-(format 4) the build reaches a mean Dice of about 0.6 (README, status table).
+(format 4) the build reaches a mean Dice of 0.745 (``docs/demo_accuracy.md``).
 
 The network works at a quarter of the section's resolution (``input_pool=4``) on 4 x 4 blocks
 turned into channels (``input_mode="unshuffle"``), so texture finer than a block still reaches
