@@ -363,6 +363,32 @@ def test_training_is_deterministic_for_a_seed(trained):
     assert not torch.equal(model.net.head.weight, other.net.head.weight)
 
 
+def test_training_reads_no_unwritten_memory_and_restores_torch_switches(trained, monkeypatch):
+    """Training turns off torch's filling of new tensors (which deterministic mode turns on): the
+    weights are the same as with every new tensor filled with NaN first, and torch's switches are
+    as they were afterwards."""
+    import torch.utils.deterministic as det
+
+    from atlasbuilder.segmentation import training as tr
+
+    images, labels, model, _ = trained
+    names = [f"s{i}" for i in range(4)]
+    assert det.fill_uninitialized_memory and not torch.are_deterministic_algorithms_enabled()
+    seen = []
+    fill = tr._fill_uninitialized_memory
+
+    def keep_filling(value=None):
+        seen.append(value)
+        return fill()  # reads, never sets: new tensors stay NaN-filled while training
+
+    monkeypatch.setattr(tr, "_fill_uninitialized_memory", keep_filling)
+    filled, _ = train(images, labels, MAPPING, config=FAST, seed=0, names=names)
+    assert seen == [None, False, True]
+    for (k, a), b in zip(model.net.state_dict().items(), filled.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    assert det.fill_uninitialized_memory and not torch.are_deterministic_algorithms_enabled()
+
+
 def test_training_mirrors_only_classes_with_a_left_right_pair(trained):
     """With ``mirror``, a class set with a left/right pair trains on mirrored patches too (other
     weights, same seed); one without a pair trains exactly as without ``mirror``."""
