@@ -15,7 +15,7 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 def slug(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    text = re.sub(r"[`*]", "", heading.strip().lower())
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
@@ -34,10 +34,11 @@ def test_slug_follows_github():
     assert slug("Aggregation: the atlas against the demo's truth") == \
         "aggregation-the-atlas-against-the-demos-truth"
     assert slug("`atlasbuilder build`, step 2") == "atlasbuilder-build-step-2"
+    assert slug("The `min_area_mm3` rule") == "the-min_area_mm3-rule"
 
 
 def test_the_readme_links_the_accuracy_page():
-    assert "docs/demo_accuracy.md" in local_links(ROOT / "README.md")[0]
+    assert any(t.startswith("docs/demo_accuracy.md") for t in local_links(ROOT / "README.md"))
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
